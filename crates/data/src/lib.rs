@@ -1,0 +1,43 @@
+//! Data side of cocomix: the tokenizer, turning text into token shards, and reading them.
+//!
+//! ```no_run
+//! use cocomix_data::{prepare, Dataset, PrepareOptions, Tokenizer};
+//! let tok = Tokenizer::gpt2()?;
+//! let opts = PrepareOptions::new(vec!["corpus/".into()], "data/corpus".into());
+//! prepare(&opts, &tok)?;
+//! let data = Dataset::open("data/corpus")?;
+//! data.check_tokenizer(&tok)?;
+//! let batch = data.train_batch(4, 128, 22, 0)?; // [4, 129] token windows
+//! # Ok::<(), cocomix_data::Error>(())
+//! ```
+mod error;
+mod loader;
+mod prepare;
+mod tokenizer;
+
+pub use error::{Error, Result};
+pub use loader::{Dataset, TokenShard};
+pub use prepare::{prepare, read_documents, DataMeta, PrepareOptions, SourceFile, TokenDtype};
+pub use tokenizer::Tokenizer;
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so
+/// a reader never sees a half-written file.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// The temporary name [`write_atomic`] and other atomic writers use for `path`.
+pub fn tmp_path(path: &std::path::Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Hex sha256 of a byte slice (file identities in metadata).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}

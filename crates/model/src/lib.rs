@@ -1,0 +1,27 @@
+//! The transformer side of CoCoMix on Candle: GPT-2 (teacher and NTP baseline) and the
+//! CoCoMix student, with correct backward passes, a KV cache that knows about the
+//! interleaved concept positions, steering and sampling.
+//!
+//! ```no_run
+//! use candle_core::{Device, Tensor};
+//! use cocomix_model::{Gpt2, Student};
+//! let dev = Device::Cpu;
+//! let teacher = Gpt2::load("path/to/gpt2", &dev)?; // config.json + model.safetensors
+//! let ids = Tensor::new(&[[15496u32, 995, 13]], &dev)?;
+//! let rg = teacher.residual_grad(&ids, 5)?; // x_L and ∂L/∂x_L after block 5
+//! let student = Student::load("runs/x/final".as_ref(), &dev)?;
+//! let out = student.forward(&ids, &mut cocomix_model::Ctx::eval())?;
+//! # Ok::<(), cocomix_model::Error>(())
+//! ```
+mod error;
+pub mod generate;
+pub mod gpt2;
+pub mod ops;
+pub mod params;
+pub mod student;
+
+pub use error::{Error, Result};
+pub use generate::{generate, Sampling};
+pub use gpt2::{next_token_loss, Ctx, Gpt2, Gpt2Config, Hook, KvCache, ResidualGrad, ResidualHook};
+pub use params::{Params, TensorFile};
+pub use student::{ConceptConfig, Steer, SteerMode, Student, StudentConfig, StudentOutput};

@@ -1,0 +1,247 @@
+//! Building blocks with correct backward passes (Candle's fused LayerNorm and
+//! `softmax_last_dim` cut the graph: see `docs/candle-notes.md`), plus top-k.
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use crate::Result;
+
+/// Standard LayerNorm (biased variance, eps inside the square root) from primitives.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mu = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mu)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// The SAE's and the CoCoMix insert block's LayerNorm: parameter-free, **unbiased** std
+/// (Bessel), eps added to the std. Returns `(x̂, mean, std)`, each differentiable.
+pub fn unbiased_layer_norm(x: &Tensor, eps: f64) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let d = x.dim(D::Minus1)?;
+    let mu = x.mean_keepdim(D::Minus1)?; // [.., 1]
+    let xc = x.broadcast_sub(&mu)?;
+    let std = (xc.sqr()?.sum_keepdim(D::Minus1)? / (d as f64 - 1.0))?.sqrt()?; // [.., 1]
+    let xn = xc.broadcast_div(&(&std + eps)?)?;
+    Ok((xn, mu, std))
+}
+
+/// Additive causal mask `[q, kv]`: query `i` (absolute position `offset + i`) sees keys
+/// `0..=offset + i`; the rest get −∞.
+pub fn causal_mask(
+    q: usize,
+    kv: usize,
+    offset: usize,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let mask: Vec<f32> = (0..q)
+        .flat_map(|i| {
+            (0..kv).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (q, kv), device)
+}
+
+/// Mean next-token cross-entropy of `logits [N, V]` against `targets [N]` (u32).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, targets)
+}
+
+/// `x @ w` for a frozen `w`: the backward pass gives `x` its gradient and computes no
+/// gradient for `w` (Candle's matmul backward always computes both).
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let y = x.detach().broadcast_matmul(w)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op2_arc(
+        &y,
+        std::sync::Arc::new(Box::new(InputGradOnly { w: w.clone() })),
+    )
+}
+
+/// Forward: returns its second argument (the product, computed outside the graph).
+/// Backward: `∂x = ∂y · wᵀ`, nothing for `w`.
+struct InputGradOnly {
+    w: Tensor,
+}
+
+fn copy_contiguous<S: Clone>(s: &S, l: &Layout, name: &str) -> candle_core::Result<(S, Shape)> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("{name}: product must be a fresh contiguous tensor")
+    }
+    Ok((s.clone(), l.shape().clone()))
+}
+
+impl CustomOp2 for InputGradOnly {
+    fn name(&self) -> &'static str {
+        "input-grad-only-matmul"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        ly: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        copy_contiguous(y, ly, self.name())
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        y: &candle_core::CudaStorage,
+        ly: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        if !ly.is_contiguous() || ly.start_offset() != 0 {
+            candle_core::bail!("{}: product must be a fresh contiguous tensor", self.name())
+        }
+        Ok((y.try_clone(ly)?, ly.shape().clone()))
+    }
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+        y: &candle_core::MetalStorage,
+        ly: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        if !ly.is_contiguous() || ly.start_offset() != 0 {
+            candle_core::bail!("{}: product must be a fresh contiguous tensor", self.name())
+        }
+        Ok((y.try_clone(ly)?, ly.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.broadcast_matmul(&self.w.t()?)?), None))
+    }
+}
+
+/// Top-k of each row of a `[N, C]` tensor: `(indices [N, k] u32, values [N, k])`, each row
+/// sorted by value, descending. Ties are broken towards the **lower index**, so the result
+/// is deterministic; NaN ranks below every number.
+///
+/// On CPU a per-row quickselect (`select_nth_unstable`, O(C)) replaces a full sort. On
+/// other devices a two-stage select runs with tensor ops on rows of ≤ 4096 columns, as
+/// Candle's GPU sort fails on wide rows; both stages keep the same tie rule.
+pub fn topk(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+    let (n, c) = x.dims2()?;
+    if k == 0 || k > c {
+        return Err(crate::Error::Other(format!(
+            "top-k: k = {k} must be in 1..={c}"
+        )));
+    }
+    if x.device().is_cpu() {
+        return topk_cpu(x, k);
+    }
+    topk_chunked(x, k, n, c)
+}
+
+fn rank_desc(a: (f32, u32), b: (f32, u32)) -> std::cmp::Ordering {
+    // Larger value first, NaN last, then lower index first.
+    let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+    key(b.0).total_cmp(&key(a.0)).then(a.1.cmp(&b.1))
+}
+
+fn topk_cpu(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+    let (n, c) = x.dims2()?;
+    let data: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let rows: Vec<(Vec<u32>, Vec<f32>)> = data
+        .par_chunks(c)
+        .map(|row| {
+            let mut idx: Vec<(f32, u32)> = row
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| (v, i as u32))
+                .collect();
+            if k < c {
+                idx.select_nth_unstable_by(k - 1, |a, b| rank_desc(*a, *b));
+                idx.truncate(k);
+            }
+            idx.sort_unstable_by(|a, b| rank_desc(*a, *b));
+            (
+                idx.iter().map(|p| p.1).collect(),
+                idx.iter().map(|p| p.0).collect(),
+            )
+        })
+        .collect();
+    let (mut ids, mut vals) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k));
+    for (i, v) in rows {
+        ids.extend(i);
+        vals.extend(v);
+    }
+    let ids = Tensor::from_vec(ids, (n, k), x.device())?;
+    let vals = Tensor::from_vec(vals, (n, k), x.device())?.to_dtype(x.dtype())?;
+    Ok((ids, vals))
+}
+
+const CHUNK: usize = 4096;
+
+fn topk_chunked(x: &Tensor, k: usize, n: usize, c: usize) -> Result<(Tensor, Tensor)> {
+    // Stage 1 keeps the k best of each 4096-wide chunk with Candle's sort (which works on
+    // rows this narrow on every backend); the union of those holds the row's top k. Stage 2
+    // ranks the k·chunks candidates with the exact tie rule. The selected values are always
+    // exact; the indices can differ from the CPU rule only when more than k equal values
+    // straddle the cut inside one chunk.
+    let x = x.to_dtype(DType::F32)?;
+    let chunks = c.div_ceil(CHUNK);
+    let padded = chunks * CHUNK;
+    let xp = if padded > c {
+        let pad = Tensor::full(f32::NEG_INFINITY, (n, padded - c), x.device())?;
+        Tensor::cat(&[&x, &pad], 1)?
+    } else {
+        x.clone()
+    };
+    let xc = xp.reshape((n * chunks, CHUNK))?;
+    let kk = k.min(CHUNK);
+    let order = xc
+        .arg_sort_last_dim(false)?
+        .narrow(1, 0, kk)?
+        .contiguous()?; // [n·chunks, kk]
+    let base: Vec<u32> = (0..n * chunks)
+        .map(|r| ((r % chunks) * CHUNK) as u32)
+        .collect();
+    let base = Tensor::from_vec(base, (n * chunks, 1), x.device())?;
+    let cand_idx = order.broadcast_add(&base)?.reshape((n, chunks * kk))?;
+    let cand_val = xc.gather(&order, 1)?.reshape((n, chunks * kk))?;
+    // Final selection on the few candidates per row, on the host, with the exact tie rule.
+    let idx: Vec<Vec<u32>> = cand_idx.to_vec2()?;
+    let val: Vec<Vec<f32>> = cand_val.to_vec2()?;
+    let (mut ids, mut vals) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k));
+    for (ri, rv) in idx.into_iter().zip(val) {
+        let mut pairs: Vec<(f32, u32)> = rv
+            .into_iter()
+            .zip(ri)
+            .filter(|p| (p.1 as usize) < c)
+            .collect();
+        pairs.sort_unstable_by(|a, b| rank_desc(*a, *b));
+        pairs.truncate(k);
+        ids.extend(pairs.iter().map(|p| p.1));
+        vals.extend(pairs.iter().map(|p| p.0));
+    }
+    let ids = Tensor::from_vec(ids, (n, k), x.device())?;
+    let vals = Tensor::from_vec(vals, (n, k), x.device())?;
+    Ok((ids, vals))
+}

@@ -1,0 +1,265 @@
+//! Where a model's tensors come from: a safetensors file (Hugging Face layout, checked
+//! tensor by tensor) or a seeded random init. Trainable models get `Var`s, listed by name.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+
+use crate::{Error, Result};
+
+/// The tensors of one safetensors file, looked up with or without a `transformer.` prefix.
+pub struct TensorFile {
+    path: PathBuf,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl TensorFile {
+    /// Reads every tensor of a safetensors file onto the CPU.
+    pub fn load(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::invalid(path, "no such file"));
+        }
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| Error::invalid(path, format!("not a readable safetensors file: {e}")))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            tensors,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether a tensor exists (with or without the `transformer.` prefix).
+    pub fn contains(&self, name: &str) -> bool {
+        self.raw(name).is_some()
+    }
+
+    fn raw(&self, name: &str) -> Option<&Tensor> {
+        self.tensors
+            .get(name)
+            .or_else(|| self.tensors.get(&format!("transformer.{name}")))
+    }
+
+    /// Tensor `name` as `dtype` on `device`, checked to have `shape` and a float dtype.
+    pub fn get(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let t = self.raw(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.to_string(),
+        })?;
+        if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::DType {
+                path: self.path.clone(),
+                name: name.into(),
+                dtype: t.dtype(),
+            });
+        }
+        if t.dims() != shape {
+            return Err(Error::Shape {
+                path: self.path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    /// Shape of tensor `name`, if present.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.raw(name).map(|t| t.dims().to_vec())
+    }
+}
+
+/// How a fresh parameter is initialised when no file provides it.
+#[derive(Clone, Copy, Debug)]
+pub enum Init {
+    Zeros,
+    Ones,
+    Normal(f64),
+}
+
+enum Source<'a> {
+    File(&'a TensorFile),
+    Random(rand::rngs::StdRng),
+}
+
+/// Hands out a model's parameters in construction order, from a file or a seeded init.
+/// With `trainable`, every parameter is a `Var`, recorded under its checkpoint name.
+pub struct Params<'a> {
+    source: Source<'a>,
+    device: Device,
+    dtype: DType,
+    trainable: bool,
+    vars: Vec<(String, Var)>,
+}
+
+impl<'a> Params<'a> {
+    /// Parameters read from `file` (every tensor must be present with the right shape).
+    pub fn from_file(file: &'a TensorFile, device: &Device, trainable: bool) -> Self {
+        Self {
+            source: Source::File(file),
+            device: device.clone(),
+            dtype: DType::F32,
+            trainable,
+            vars: Vec::new(),
+        }
+    }
+
+    /// Fresh parameters from a seeded RNG (same seed, same weights).
+    pub fn random(seed: u64, device: &Device, trainable: bool) -> Self {
+        Self {
+            source: Source::Random(rand::rngs::StdRng::seed_from_u64(seed)),
+            device: device.clone(),
+            dtype: DType::F32,
+            trainable,
+            vars: Vec::new(),
+        }
+    }
+
+    /// Whether the parameters are trainable (frozen ones skip weight gradients).
+    pub fn trainable(&self) -> bool {
+        self.trainable
+    }
+
+    /// The device parameters are placed on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Parameter `name` of `shape`.
+    pub fn get(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let t = match &mut self.source {
+            Source::File(f) => f.get(name, shape, &self.device, self.dtype)?,
+            Source::Random(rng) => {
+                let n: usize = shape.iter().product();
+                let data: Vec<f32> = match init {
+                    Init::Zeros => vec![0.0; n],
+                    Init::Ones => vec![1.0; n],
+                    Init::Normal(std) => (0..n).map(|_| (normal(rng) * std) as f32).collect(),
+                };
+                Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?
+            }
+        };
+        if self.trainable {
+            let v = Var::from_tensor(&t)?;
+            let t = v.as_tensor().clone();
+            self.vars.push((name.to_string(), v));
+            Ok(t)
+        } else {
+            Ok(t)
+        }
+    }
+
+    /// The trainable variables handed out so far, by name.
+    pub fn into_vars(self) -> Vec<(String, Var)> {
+        self.vars
+    }
+}
+
+/// A standard normal draw (Box–Muller), so inits need no extra dependency.
+fn normal(rng: &mut impl Rng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// Writes named tensors to a safetensors file atomically, with `format = pt` metadata
+/// (which Hugging Face `transformers` requires).
+pub fn save_safetensors(
+    tensors: &[(String, Tensor)],
+    path: &Path,
+    extra_meta: &[(&str, String)],
+) -> Result<()> {
+    let mut meta: HashMap<String, String> = extra_meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    meta.insert("format".into(), "pt".into());
+    let owned: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors_write(&owned, &meta, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn safetensors_write(
+    tensors: &[(String, Tensor)],
+    meta: &HashMap<String, String>,
+    path: &Path,
+) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let mut bufs = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let (dtype, bytes): (Dtype, Vec<u8>) = match t.dtype() {
+            DType::F32 => (
+                Dtype::F32,
+                t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::BF16 => (
+                Dtype::BF16,
+                t.flatten_all()?
+                    .to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::F16 => (
+                Dtype::F16,
+                t.flatten_all()?
+                    .to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::I64 => (
+                Dtype::I64,
+                t.flatten_all()?
+                    .to_vec1::<i64>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::U32 => (
+                Dtype::U32,
+                t.flatten_all()?
+                    .to_vec1::<u32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            other => {
+                return Err(Error::Other(format!(
+                    "cannot save tensor {name} of dtype {other:?}"
+                )))
+            }
+        };
+        bufs.push((name.clone(), dtype, t.dims().to_vec(), bytes));
+    }
+    let views: Vec<(String, TensorView)> = bufs
+        .iter()
+        .map(|(n, d, s, b)| {
+            Ok((
+                n.clone(),
+                TensorView::new(*d, s.clone(), b).map_err(|e| Error::Other(e.to_string()))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize_to_file(views, Some(meta.clone()), path)
+        .map_err(|e| Error::invalid(path, e.to_string()))
+}

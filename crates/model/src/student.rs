@@ -1,0 +1,388 @@
+//! The CoCoMix student (Tack et al. 2025, spec §3): a GPT-2 whose hidden state before block
+//! `insert_layer` predicts concept logits; the top `K_c` of them are compressed into a
+//! continuous concept vector, interleaved as an extra position after each token for all
+//! later blocks. Without the concept path it is the NTP baseline (plain GPT-2).
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
+
+use crate::gpt2::{Ctx, Gpt2, Gpt2Config, KvCache};
+use crate::ops::{causal_mask, topk, unbiased_layer_norm};
+use crate::params::{save_safetensors, Init, Params, TensorFile};
+use crate::{Error, Result};
+
+/// eps of the concept path's LayerNorm (added to the unbiased std), as in the SAE.
+pub const CONCEPT_LN_EPS: f64 = 1e-5;
+
+/// The concept path's shape. Names match the reference release's config keys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConceptConfig {
+    /// C: number of concepts (the SAE's latents), 32768 in the paper.
+    pub concept_dim: usize,
+    /// K_c: predicted concept logits kept by the TopK, 32 in the paper.
+    pub concept_num: usize,
+    /// The concept is computed before this block; blocks from here on run on 2T positions.
+    pub insert_layer_index: usize,
+}
+
+/// A student's `config.json`: GPT-2 fields, plus the concept path for CoCoMix.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StudentConfig {
+    #[serde(flatten)]
+    pub gpt2: Gpt2Config,
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub concept: Option<ConceptConfig>,
+}
+
+impl StudentConfig {
+    /// Checks the shape, including `insert_layer < n_layer` and `K_c ≤ C`.
+    pub fn validate(&self) -> Result<()> {
+        self.gpt2.validate()?;
+        if let Some(c) = &self.concept {
+            if c.insert_layer_index >= self.gpt2.n_layer {
+                return Err(Error::Config(format!(
+                    "insert_layer_index {} must be below n_layer {}",
+                    c.insert_layer_index, self.gpt2.n_layer
+                )));
+            }
+            if c.concept_num == 0 || c.concept_num > c.concept_dim {
+                return Err(Error::Config(format!(
+                    "concept_num (K_c) {} must be in 1..=concept_dim {}",
+                    c.concept_num, c.concept_dim
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a student `config.json`. A `dropout` key (the reference release's) sets every
+    /// dropout probability.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::invalid(path, format!("not JSON: {e}")))?;
+        let mut cfg: Self = serde_json::from_value(v.clone())
+            .map_err(|e| Error::invalid(path, format!("not a student config.json: {e}")))?;
+        if let Some(p) = v.get("dropout").and_then(|p| p.as_f64()) {
+            cfg.gpt2 = cfg.gpt2.with_dropout(p);
+        }
+        cfg.validate()
+            .map_err(|e| Error::invalid(path, e.to_string()))?;
+        Ok(cfg)
+    }
+}
+
+/// How a steering entry changes a predicted concept logit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SteerMode {
+    /// `z[c] += value`
+    Add,
+    /// `z[c] = value`
+    Set,
+}
+
+/// One steering entry, applied to the predicted concept logits before the TopK.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Steer {
+    pub index: usize,
+    pub value: f32,
+    pub mode: SteerMode,
+    /// Keep the concept among the TopK whatever its value (it replaces the lowest kept).
+    pub force: bool,
+}
+
+/// The concept path's parameters (reference-release names).
+pub struct ConceptPath {
+    pub cfg: ConceptConfig,
+    /// `pre_bias [d]`
+    pub pre_bias: Tensor,
+    /// `concept_predictor.weight [C, d]` (Linear layout) and `.bias [C]`
+    pub predictor_w: Tensor,
+    pub predictor_b: Tensor,
+    /// `compress_layer.weight [d, C]` (Linear layout) and `.bias [d]`
+    pub compress_w: Tensor,
+    pub compress_b: Tensor,
+}
+
+/// What the student's forward returns.
+pub struct StudentOutput {
+    /// Next-token logits `[B, T, V]` (from the concept slots for CoCoMix).
+    pub logits: Tensor,
+    /// Concept logits before the TopK, `[B, T, C]` (CoCoMix only).
+    pub concept_logits: Option<Tensor>,
+}
+
+/// A trainable student: CoCoMix, or the NTP baseline when `concept` is `None`.
+pub struct Student {
+    pub cfg: StudentConfig,
+    pub gpt: Gpt2,
+    pub concept: Option<ConceptPath>,
+    vars: Vec<(String, Var)>,
+}
+
+impl Student {
+    fn build(cfg: &StudentConfig, mut p: Params) -> Result<Self> {
+        cfg.validate()?;
+        let gpt = Gpt2::new(&cfg.gpt2, &mut p)?;
+        let d = cfg.gpt2.n_embd;
+        let concept = match &cfg.concept {
+            None => None,
+            Some(c) => Some(ConceptPath {
+                cfg: c.clone(),
+                pre_bias: p.get("pre_bias", &[d], Init::Zeros)?,
+                predictor_w: p.get(
+                    "concept_predictor.weight",
+                    &[c.concept_dim, d],
+                    Init::Normal(0.02),
+                )?,
+                predictor_b: p.get("concept_predictor.bias", &[c.concept_dim], Init::Zeros)?,
+                compress_w: p.get(
+                    "compress_layer.weight",
+                    &[d, c.concept_dim],
+                    Init::Normal(0.02),
+                )?,
+                compress_b: p.get("compress_layer.bias", &[d], Init::Zeros)?,
+            }),
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            gpt,
+            concept,
+            vars: p.into_vars(),
+        })
+    }
+
+    /// A freshly initialised student (N(0, 0.02), residual projections scaled by
+    /// 1/√(2·n_layer), biases and `pre_bias` zero), deterministic for `seed`.
+    pub fn new(cfg: &StudentConfig, seed: u64, device: &Device) -> Result<Self> {
+        Self::build(cfg, Params::random(seed, device, true))
+    }
+
+    /// Loads a student folder (`config.json` + `model.safetensors`) as trainable weights.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg = StudentConfig::from_file(&dir.join("config.json"))?;
+        let file = TensorFile::load(&dir.join("model.safetensors"))?;
+        Self::build(&cfg, Params::from_file(&file, device, true))
+    }
+
+    /// Saves `config.json` + `model.safetensors`. An NTP student is written in the exact
+    /// Hugging Face GPT-2 layout (`GPT2LMHeadModel.from_pretrained(dir)` loads it).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut cfg = serde_json::to_value(&self.cfg).map_err(|e| Error::Other(e.to_string()))?;
+        let obj = cfg.as_object_mut().expect("struct serialises to an object");
+        obj.insert("model_type".into(), "gpt2".into());
+        let arch = if self.concept.is_some() {
+            "GPT2CoCoMixLMHeadModel"
+        } else {
+            "GPT2LMHeadModel"
+        };
+        obj.insert("architectures".into(), serde_json::json!([arch]));
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Other(e.to_string()))?;
+        let tmp = dir.join("config.json.tmp");
+        std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, dir.join("config.json"))
+            .map_err(|e| Error::io(dir.join("config.json"), e))?;
+        let tensors: Vec<(String, Tensor)> = self
+            .vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        save_safetensors(&tensors, &dir.join("model.safetensors"), &[])
+    }
+
+    /// The trainable variables by checkpoint name.
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> &Device {
+        self.gpt.device()
+    }
+
+    /// Full-sequence forward of `ids [B, T]` (training or evaluation, per `ctx`).
+    pub fn forward(&self, ids: &Tensor, ctx: &mut Ctx) -> Result<StudentOutput> {
+        self.forward_inner(ids, None, &[], ctx)
+    }
+
+    /// Forward of new tokens `ids [B, t]` continuing `cache` (generation), with optional
+    /// steering of the predicted concepts. Returns logits `[B, t, V]`.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        steer: &[Steer],
+    ) -> Result<Tensor> {
+        Ok(self
+            .forward_inner(ids, Some(cache), steer, &mut Ctx::eval())?
+            .logits)
+    }
+
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.gpt2.n_layer)
+    }
+
+    fn forward_inner(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        steer: &[Steer],
+        ctx: &mut Ctx,
+    ) -> Result<StudentOutput> {
+        let (b, t) = ids.dims2()?;
+        let d = self.cfg.gpt2.n_embd;
+        let past = cache.as_ref().map_or(0, |c| c.tokens());
+        let dev = self.device().clone();
+        let h = self.gpt.embed(ids, past, ctx)?; // [B, T, d]
+        let n_layer = self.cfg.gpt2.n_layer;
+        let Some(cp) = &self.concept else {
+            let mask = causal_mask(t, past + t, past, &dev)?;
+            let h = self
+                .gpt
+                .run_blocks(h, 0, n_layer, &mask, cache.as_deref_mut(), None, ctx)?;
+            if let Some(c) = cache {
+                c.tokens += t;
+            }
+            return Ok(StudentOutput {
+                logits: self.gpt.head(&h)?,
+                concept_logits: None,
+            });
+        };
+        let insert = cp.cfg.insert_layer_index;
+        let mask = causal_mask(t, past + t, past, &dev)?;
+        let h = self
+            .gpt
+            .run_blocks(h, 0, insert, &mask, cache.as_deref_mut(), None, ctx)?;
+        let (c, concept_logits) = cp.concept(&h, steer)?; // [B, T, d], [B, T, C]
+        let h = Tensor::stack(&[&h, &c], 2)?.reshape((b, 2 * t, d))?; // [B, 2T, d]: h1, c1, h2, c2, …
+        let mask2 = causal_mask(2 * t, 2 * (past + t), 2 * past, &dev)?;
+        let h = self
+            .gpt
+            .run_blocks(h, insert, n_layer, &mask2, cache.as_deref_mut(), None, ctx)?;
+        if let Some(c) = cache {
+            c.tokens += t;
+        }
+        let h = h.reshape((b, t, 2, d))?.narrow(2, 1, 1)?.squeeze(2)?; // concept slots [B, T, d]
+        Ok(StudentOutput {
+            logits: self.gpt.head(&h)?,
+            concept_logits: Some(concept_logits),
+        })
+    }
+}
+
+impl ConceptPath {
+    /// The continuous concept `c [B, T, d]` and the concept logits `[B, T, C]` from the
+    /// hidden state `h [B, T, d]` before the insert block.
+    pub fn concept(&self, h: &Tensor, steer: &[Steer]) -> Result<(Tensor, Tensor)> {
+        let (b, t, d) = h.dims3()?;
+        let (n, c_dim, k) = (b * t, self.cfg.concept_dim, self.cfg.concept_num);
+        let (x, mu, std) = unbiased_layer_norm(h, CONCEPT_LN_EPS)?; // [B,T,d], [B,T,1], [B,T,1]
+        let u = x.broadcast_sub(&self.pre_bias)?.reshape((n, d))?;
+        let z = u
+            .matmul(&self.predictor_w.t()?)?
+            .broadcast_add(&self.predictor_b)?; // [N, C]
+        let z_used = if steer.is_empty() {
+            z.clone()
+        } else {
+            apply_steer(&z, steer)?
+        };
+        let (mut idx, _) = topk(&z_used.detach(), k)?; // [N, K_c], no gradient through the choice
+        if steer.iter().any(|s| s.force) {
+            idx = force_into_topk(&idx, steer, n, k)?;
+        }
+        let c_hat = self.compress_sparse(&z_used, &idx)?; // [N, d]
+        let c_hat = c_hat
+            .broadcast_add(&self.compress_b)?
+            .broadcast_add(&self.pre_bias)?;
+        let c = c_hat
+            .reshape((b, t, d))?
+            .broadcast_mul(&std)?
+            .broadcast_add(&mu)?;
+        Ok((c, z.reshape((b, t, c_dim))?))
+    }
+
+    /// `compress_layer.weight @ (mask ⊙ z)` without the bias, computed on the `K_c` kept
+    /// logits only: `Σ_j z[i_j] · W[:, i_j]`, O(N·K_c·d) instead of O(N·C·d). Gradients reach
+    /// only the kept logits and the kept columns, exactly as with the dense mask.
+    pub fn compress_sparse(&self, z: &Tensor, idx: &Tensor) -> Result<Tensor> {
+        let (n, k) = idx.dims2()?;
+        let d = self.compress_w.dim(0)?;
+        let vals = z.gather(idx, 1)?; // [N, K_c]
+        let cols = self.compress_w.index_select(&idx.flatten_all()?, 1)?; // [d, N·K_c]
+        let cols = cols.t()?.reshape((n, k, d))?; // [N, K_c, d]
+        Ok(vals.unsqueeze(2)?.broadcast_mul(&cols)?.sum(1)?)
+    }
+
+    /// The same product with the dense mask of the reference release (for tests).
+    pub fn compress_dense(&self, z: &Tensor, idx: &Tensor) -> Result<Tensor> {
+        let (n, c) = z.dims2()?;
+        let k = idx.dim(1)?;
+        let idx_v: Vec<Vec<u32>> = idx.to_vec2()?;
+        let mut mask = vec![0f32; n * c];
+        for (r, row) in idx_v.iter().enumerate() {
+            for &i in row.iter().take(k) {
+                mask[r * c + i as usize] = 1.0;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (n, c), z.device())?.to_dtype(z.dtype())?;
+        Ok((z * mask)?.matmul(&self.compress_w.t()?)?)
+    }
+}
+
+fn apply_steer(z: &Tensor, steer: &[Steer]) -> Result<Tensor> {
+    let c = z.dim(D::Minus1)?;
+    let (mut add, mut keep, mut set) = (vec![0f32; c], vec![1f32; c], vec![0f32; c]);
+    for s in steer {
+        if s.index >= c {
+            return Err(Error::Other(format!(
+                "steering index {} is out of range for {c} concepts",
+                s.index
+            )));
+        }
+        match s.mode {
+            SteerMode::Add => add[s.index] += s.value,
+            SteerMode::Set => {
+                keep[s.index] = 0.0;
+                set[s.index] = s.value;
+                add[s.index] = 0.0;
+            }
+        }
+    }
+    let dev = z.device();
+    let t = |v: Vec<f32>| Tensor::from_vec(v, c, dev).and_then(|t| t.to_dtype(z.dtype()));
+    Ok(z.broadcast_mul(&t(keep)?)?
+        .broadcast_add(&t(set)?)?
+        .broadcast_add(&t(add)?)?)
+}
+
+fn force_into_topk(idx: &Tensor, steer: &[Steer], n: usize, k: usize) -> Result<Tensor> {
+    let mut rows: Vec<Vec<u32>> = idx.to_vec2()?;
+    let forced: Vec<u32> = steer
+        .iter()
+        .filter(|s| s.force)
+        .map(|s| s.index as u32)
+        .collect();
+    if forced.len() > k {
+        return Err(Error::Other(format!(
+            "{} forced concepts exceed K_c = {k}",
+            forced.len()
+        )));
+    }
+    for row in rows.iter_mut() {
+        // Rows are sorted by value; forced concepts replace the lowest-ranked free slots.
+        let mut slot = k;
+        for &f in &forced {
+            if !row.contains(&f) {
+                while slot > 0 && forced.contains(&row[slot - 1]) {
+                    slot -= 1;
+                }
+                slot -= 1;
+                row[slot] = f;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(rows.concat(), (n, k), idx.device())?.to_dtype(DType::U32)?)
+}

@@ -1,0 +1,98 @@
+//! `cargo xtask`: builds the `cocomix` binary in release mode and runs the project's jobs.
+//!
+//! ```text
+//! cargo xtask train [--features cuda|metal] [ARGS...]   the main job (see README)
+//! cargo xtask bench WHAT [--json]                        benchmarks (data, ...)
+//! cargo xtask run [ARGS...]                              any cocomix subcommand
+//! ```
+use std::path::{Path, PathBuf};
+use std::process::{exit, Command};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: cargo xtask <train|bench|run> [--features cuda|metal] [ARGS...]\n\n\
+         train   prepare the embedded default corpus (assets/corpus) into data/default\n\
+         bench   cocomix bench WHAT [--json]  (WHAT: data)\n\
+         run     run any cocomix subcommand with the release binary"
+    );
+    exit(2)
+}
+
+/// Builds the release binary with the requested backend features and returns its path.
+fn build(features: &[String]) -> PathBuf {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root()).args([
+        "build",
+        "--release",
+        "--package",
+        "cocomix-cli",
+        "--bin",
+        "cocomix",
+    ]);
+    if !features.is_empty() {
+        cmd.arg("--features").arg(features.join(","));
+    }
+    let status = cmd.status().unwrap_or_else(|e| {
+        eprintln!("xtask: could not run cargo: {e}");
+        exit(1)
+    });
+    if !status.success() {
+        exit(status.code().unwrap_or(1));
+    }
+    root().join("target/release/cocomix")
+}
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.is_empty() || args[0] == "-h" || args[0] == "--help" {
+        usage();
+    }
+    let task = args.remove(0);
+    let mut features = Vec::new();
+    while let Some(i) = args.iter().position(|a| a == "--features") {
+        if i + 1 >= args.len() {
+            usage();
+        }
+        let f = args.remove(i + 1);
+        args.remove(i);
+        for f in f.split(',') {
+            if f != "cuda" && f != "metal" {
+                eprintln!("xtask: unknown feature {f:?} (cuda or metal)");
+                exit(2);
+            }
+            features.push(f.to_string());
+        }
+    }
+    let sub: Vec<String> = match task.as_str() {
+        "train" => {
+            let mut v = vec![
+                "prepare".into(),
+                "assets/corpus/default.jsonl.gz".into(),
+                "--out".into(),
+                "data/default".into(),
+            ];
+            v.extend(args);
+            v
+        }
+        "bench" => std::iter::once("bench".to_string()).chain(args).collect(),
+        "run" => args,
+        _ => usage(),
+    };
+    let bin = build(&features);
+    let status = Command::new(&bin)
+        .current_dir(root())
+        .args(&sub)
+        .status()
+        .unwrap_or_else(|e| {
+            eprintln!("xtask: could not run {}: {e}", bin.display());
+            exit(1)
+        });
+    exit(status.code().unwrap_or(1));
+}
