@@ -147,16 +147,20 @@ impl CustomOp2 for InputGradOnly {
 /// other devices a two-stage select runs with tensor ops on rows of ≤ 4096 columns, as
 /// Candle's GPU sort fails on wide rows; both stages keep the same tie rule.
 pub fn topk(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
-    let (n, c) = x.dims2()?;
+    if x.device().is_cpu() {
+        topk_cpu(x, k)
+    } else {
+        topk_two_stage(x, k)
+    }
+}
+
+fn check_k(c: usize, k: usize) -> Result<()> {
     if k == 0 || k > c {
         return Err(crate::Error::Other(format!(
             "top-k: k = {k} must be in 1..={c}"
         )));
     }
-    if x.device().is_cpu() {
-        return topk_cpu(x, k);
-    }
-    topk_chunked(x, k, n, c)
+    Ok(())
 }
 
 fn rank_desc(a: (f32, u32), b: (f32, u32)) -> std::cmp::Ordering {
@@ -167,6 +171,7 @@ fn rank_desc(a: (f32, u32), b: (f32, u32)) -> std::cmp::Ordering {
 
 fn topk_cpu(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     let (n, c) = x.dims2()?;
+    check_k(c, k)?;
     let data: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let rows: Vec<(Vec<u32>, Vec<f32>)> = data
         .par_chunks(c)
@@ -199,7 +204,11 @@ fn topk_cpu(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
 
 const CHUNK: usize = 4096;
 
-fn topk_chunked(x: &Tensor, k: usize, n: usize, c: usize) -> Result<(Tensor, Tensor)> {
+/// The device-agnostic top-k [`topk`] uses off the CPU (public so tests can compare it with
+/// the CPU path): per-chunk sort on rows of ≤ 4096, then an exact selection of candidates.
+pub fn topk_two_stage(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+    let (n, c) = x.dims2()?;
+    check_k(c, k)?;
     // Stage 1 keeps the k best of each 4096-wide chunk with Candle's sort (which works on
     // rows this narrow on every backend); the union of those holds the row's top k. Stage 2
     // ranks the k·chunks candidates with the exact tie rule. The selected values are always
@@ -244,4 +253,40 @@ fn topk_chunked(x: &Tensor, k: usize, n: usize, c: usize) -> Result<(Tensor, Ten
     let ids = Tensor::from_vec(ids, (n, k), x.device())?;
     let vals = Tensor::from_vec(vals, (n, k), x.device())?;
     Ok((ids, vals))
+}
+
+/// CoCoMix's concept loss (spec §2.4): the mean over the `K_attr` label columns of the
+/// softmax cross-entropy of the full concept logits, averaged over all `B·T` positions.
+/// `concept_logits [B, T, C]`, `labels [B, T, K_attr]` (integer ids).
+pub fn concept_loss(concept_logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (b, t, c) = concept_logits.dims3()?;
+    let k = labels.dim(2)?;
+    let logp = candle_nn::ops::log_softmax(
+        &concept_logits.to_dtype(DType::F32)?.reshape((b * t, c))?,
+        D::Minus1,
+    )?;
+    let picked = logp.gather(
+        &labels
+            .reshape((b * t, k))?
+            .to_dtype(DType::U32)?
+            .contiguous()?,
+        1,
+    )?; // [N, K]
+    Ok(picked.mean_all()?.neg()?)
+}
+
+/// Distillation term KL(p_teacher^τ ‖ p_student^τ), mean over the `B·(T−1)` predicting
+/// positions (the last position predicts nothing). Logits are `[B, T, V]`, same vocabulary.
+pub fn kd_kl(student_logits: &Tensor, teacher_logits: &Tensor, tau: f64) -> Result<Tensor> {
+    let (b, t, v) = student_logits.dims3()?;
+    let flat = |x: &Tensor| -> candle_core::Result<Tensor> {
+        x.narrow(1, 0, t - 1)?
+            .to_dtype(DType::F32)?
+            .reshape((b * (t - 1), v))?
+            / tau
+    };
+    let ls = candle_nn::ops::log_softmax(&flat(student_logits)?, D::Minus1)?;
+    let lt = candle_nn::ops::log_softmax(&flat(&teacher_logits.detach())?, D::Minus1)?;
+    let kl = (lt.exp()? * (lt - ls)?)?.sum(D::Minus1)?; // [N]
+    Ok(kl.mean_all()?)
 }
