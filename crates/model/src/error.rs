@@ -5,6 +5,8 @@ use std::path::PathBuf;
 pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Ops(#[from] cocomix_ops::Error),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -16,10 +16,10 @@
 mod error;
 pub mod generate;
 pub mod gpt2;
-pub mod ops;
 pub mod params;
 pub mod student;
 
+pub use cocomix_ops as ops;
 pub use error::{Error, Result};
 pub use generate::{generate, Sampling};
 pub use gpt2::{next_token_loss, Ctx, Gpt2, Gpt2Config, Hook, KvCache, ResidualGrad, ResidualHook};

@@ -113,3 +113,48 @@ fn both_key_prefixes_load() {
         "prefixed teacher",
     );
 }
+
+#[test]
+fn losses_and_gradients_of_loss_total() {
+    let exp = expected();
+    let ids = golden_ids(&exp);
+    let s = Student::load(&golden_dir().join("student"), &Device::Cpu).unwrap();
+    let out = s.forward(&ids, &mut Ctx::eval()).unwrap();
+    let ntp = next_token_loss(&out.logits, &ids).unwrap();
+    let concept =
+        cocomix_model::ops::concept_loss(out.concept_logits.as_ref().unwrap(), &exp["labels"])
+            .unwrap();
+    assert!(
+        (scalar(&concept) - scalar(&exp["loss_concept"])).abs() < 1e-4,
+        "loss_concept"
+    );
+    let total = (ntp + (concept * 0.1).unwrap()).unwrap();
+    assert!(
+        (scalar(&total) - scalar(&exp["loss_total"])).abs() < 1e-4,
+        "loss_total"
+    );
+    let teacher_logits = teacher().forward(&ids).unwrap();
+    let kd = cocomix_model::ops::kd_kl(&out.logits, &teacher_logits, 1.0).unwrap();
+    assert!(
+        (scalar(&kd) - scalar(&exp["loss_kd"])).abs() < 1e-4,
+        "loss_kd"
+    );
+    let grads = total.backward().unwrap();
+    for (name, var) in s.vars() {
+        if let Some(want) = exp.get(&format!("grad.{name}")) {
+            assert_close(
+                grads.get(var.as_tensor()).unwrap(),
+                want,
+                1e-3,
+                1e-6,
+                &format!("grad.{name}"),
+            );
+        }
+    }
+    let checked = s
+        .vars()
+        .iter()
+        .filter(|(n, _)| exp.contains_key(&format!("grad.{n}")))
+        .count();
+    assert_eq!(checked, 6, "every listed gradient was compared");
+}

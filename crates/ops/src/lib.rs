@@ -1,9 +1,28 @@
-//! Building blocks with correct backward passes (Candle's fused LayerNorm and
-//! `softmax_last_dim` cut the graph: see `docs/candle-notes.md`), plus top-k.
+//! Tensor ops shared by the cocomix model and SAE crates, each with a correct backward
+//! pass (Candle's fused LayerNorm and `softmax_last_dim` silently cut the graph), and a
+//! top-k that is fast on CPU and works on GPUs for rows of 32768.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! let x = Tensor::new(&[[0.1f32, 3.0, -1.0, 3.0]], &Device::Cpu)?;
+//! let (idx, val) = cocomix_ops::topk(&x, 2)?;
+//! assert_eq!(idx.to_vec2::<u32>()?, vec![vec![1, 3]]); // ties: lower index first
+//! # Ok::<(), cocomix_ops::Error>(())
+//! ```
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::Result;
+/// Errors of the ops crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Result alias of the ops crate.
+pub type Result<T> = std::result::Result<T, Error>;
 
 /// Standard LayerNorm (biased variance, eps inside the square root) from primitives.
 #[derive(Clone, Debug)]
@@ -156,9 +175,7 @@ pub fn topk(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
 
 fn check_k(c: usize, k: usize) -> Result<()> {
     if k == 0 || k > c {
-        return Err(crate::Error::Other(format!(
-            "top-k: k = {k} must be in 1..={c}"
-        )));
+        return Err(Error::Invalid(format!("top-k: k = {k} must be in 1..={c}")));
     }
     Ok(())
 }
