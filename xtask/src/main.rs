@@ -1,8 +1,9 @@
 //! `cargo xtask`: builds the `cocomix` binary in release mode and runs the project's jobs.
 //!
 //! ```text
-//! cargo xtask train [--features cuda|metal] [ARGS...]   the main job (see README)
-//! cargo xtask bench WHAT [--json]                        benchmarks (data, ...)
+//! cargo xtask train [--features cuda|metal] [ARGS...]   the main job: cocomix train ARGS
+//! cargo xtask eval RUN_DIR...                            comparison table of finished runs
+//! cargo xtask bench WHAT [--json]                        benchmarks: cocomix bench WHAT
 //! cargo xtask run [ARGS...]                              any cocomix subcommand
 //! ```
 use std::path::{Path, PathBuf};
@@ -17,9 +18,10 @@ fn root() -> PathBuf {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo xtask <train|bench|run> [--features cuda|metal] [ARGS...]\n\n\
-         train   prepare the embedded default corpus (assets/corpus) into data/default\n\
-         bench   cocomix bench WHAT [--json]  (WHAT: data)\n\
+        "usage: cargo xtask <train|eval|bench|run> [--features cuda|metal] [ARGS...]\n\n\
+         train   the main job: cocomix train [--config FILE] [--set k=v] [--resume]\n\
+         eval    cocomix eval runs RUN_DIR... (default: runs/default)\n\
+         bench   cocomix bench WHAT [--json]  (WHAT: data, model)\n\
          run     run any cocomix subcommand with the release binary"
     );
     exit(2)
@@ -71,15 +73,18 @@ fn main() {
         }
     }
     let sub: Vec<String> = match task.as_str() {
-        "train" => {
-            let mut v = vec![
-                "prepare".into(),
-                "assets/corpus/default.jsonl.gz".into(),
-                "--out".into(),
-                "data/default".into(),
-            ];
-            v.extend(args);
-            v
+        "train" => std::iter::once("train".to_string()).chain(args).collect(),
+        "eval" => {
+            let runs = if args.is_empty() {
+                vec!["runs/default".to_string()]
+            } else {
+                args
+            };
+            ["eval", "runs"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(runs)
+                .collect()
         }
         "bench" => std::iter::once("bench".to_string()).chain(args).collect(),
         "run" => args,

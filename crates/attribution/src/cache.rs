@@ -38,6 +38,9 @@ pub struct LabelCacheSpec {
     pub n_latents: usize,
     /// Identity of the training shard: the data folder's tokenizer identity and token count.
     pub data: String,
+    /// Label only the first this many aligned windows (0: the whole shard). A run of S steps
+    /// of B sequences visits at most S·B windows, so small runs need not label everything.
+    pub max_windows: usize,
 }
 
 impl LabelCacheSpec {
@@ -223,7 +226,12 @@ impl LabelCache {
                 sae.n_latents()
             )));
         }
-        let n_windows = Self::windows_in(shard.len(), spec.window);
+        let all = Self::windows_in(shard.len(), spec.window);
+        let n_windows = if spec.max_windows == 0 {
+            all
+        } else {
+            all.min(spec.max_windows)
+        };
         if n_windows == 0 {
             return Err(file_err(
                 shard.path(),

@@ -184,6 +184,7 @@ fn spec(window: usize) -> LabelCacheSpec {
         mode: LabelMode::Faithful,
         n_latents: 40,
         data: "test".into(),
+        max_windows: 0,
     }
 }
 
@@ -254,6 +255,20 @@ fn cache_round_trip_resume_and_refusal() {
     .unwrap();
     LabelCache::build(&t, &sae, &sp, &sh, &c_dir, 3).unwrap();
     assert_eq!(std::fs::read(c_dir.join("labels.bin")).unwrap(), full);
+    // A capped cache labels only the first windows, with the same labels.
+    let mut capped = sp.clone();
+    capped.max_windows = 3;
+    let small = LabelCache::build(
+        &t,
+        &sae,
+        &capped,
+        &sh,
+        &LabelCache::path_for(dir.path(), &capped),
+        2,
+    )
+    .unwrap();
+    assert_eq!(small.n_windows(), 3);
+    assert_eq!(small.window_labels(2), cache.window_labels(2));
     // A truncated labels.bin is detected.
     std::fs::write(a_dir.join("labels.bin"), &full[..full.len() - 2]).unwrap();
     assert!(LabelCache::open(&a_dir, &sp)

@@ -6,6 +6,20 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_train;
+mod commands;
+
+/// Candle allocates a fresh buffer per op; by default glibc maps and unmaps every buffer
+/// over 128 KiB (page faults and TLB shootdowns across threads each time). Keeping buffers
+/// up to 32 MiB in the heap, never trimmed, makes training steps ~1.4x faster.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before any worker thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
 
 /// Pretraining language models with continuous concepts (CoCoMix, Tack et al. 2025).
 #[derive(Parser)]
@@ -19,8 +33,49 @@ struct Cli {
 enum Command {
     /// Tokenize text files, folders and JSONL (field `text`) into train.bin / val.bin shards.
     Prepare(PrepareArgs),
+    /// Run the whole method from a config: data, teacher, SAE, labels, students, report.
+    Train(TrainArgs),
+    /// Evaluate models (perplexity) and compare runs.
+    #[command(subcommand)]
+    Eval(commands::EvalCommand),
+    /// Generate text from a GPT-2 or CoCoMix model, optionally steering concepts.
+    Generate(commands::GenerateArgs),
+    /// Train a TopK SAE on a teacher, or encode text with one.
+    #[command(subcommand)]
+    Sae(commands::SaeCommand),
+    /// Concept attribution scores and labels of a text (JSON).
+    Attribute(commands::AttributeArgs),
+    /// Build the label cache of a prepared data folder.
+    #[command(subcommand)]
+    Labels(commands::LabelsCommand),
     /// Measure throughput; prints JSON with --json.
     Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Run config (TOML).
+    #[arg(long, default_value = "configs/default.toml")]
+    config: PathBuf,
+    /// Override a config key, e.g. --set optim.lr=3e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Continue interrupted runs from their latest checkpoints.
+    #[arg(long)]
+    resume: bool,
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let cfg = cocomix_trainer::RunConfig::load(&args.config, &args.overrides)?;
+    let device = cocomix_trainer::default_device()?;
+    let opts = cocomix_trainer::pipeline::JobOptions {
+        resume: args.resume,
+    };
+    let dir = cocomix_trainer::pipeline::run_main_job(&cfg, &opts, &device)?;
+    let report = std::fs::read_to_string(dir.join("report.md")).context("reading the report")?;
+    println!("{report}");
+    eprintln!("report: {}", dir.join("report.md").display());
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -70,16 +125,24 @@ fn prepare(args: PrepareArgs) -> Result<()> {
 }
 
 fn main() {
+    tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Prepare(a) => prepare(a),
+        Command::Train(a) => train(a),
+        Command::Eval(c) => commands::eval(c),
+        Command::Generate(a) => commands::generate(a),
+        Command::Sae(c) => commands::sae(c),
+        Command::Attribute(a) => commands::attribute(a),
+        Command::Labels(c) => commands::labels(c),
         Command::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {

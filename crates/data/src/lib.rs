@@ -17,7 +17,9 @@ mod tokenizer;
 
 pub use error::{Error, Result};
 pub use loader::{Dataset, TokenShard};
-pub use prepare::{prepare, read_documents, DataMeta, PrepareOptions, SourceFile, TokenDtype};
+pub use prepare::{
+    prepare, read_documents, source_hashes, DataMeta, PrepareOptions, SourceFile, TokenDtype,
+};
 pub use tokenizer::Tokenizer;
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so

@@ -417,6 +417,14 @@ pub fn prepare(opts: &PrepareOptions, tok: &Tokenizer) -> Result<DataMeta> {
     Ok(meta)
 }
 
+/// sha256 of every corpus file the inputs expand to, in preparation order.
+pub fn source_hashes(inputs: &[PathBuf]) -> Result<Vec<String>> {
+    collect_files(inputs)?
+        .iter()
+        .map(|f| Ok(crate::sha256_hex(&read_bytes(f)?)))
+        .collect()
+}
+
 /// Reads the documents of a corpus (files and folders, as [`prepare`] does), e.g. to train a
 /// tokenizer on it.
 pub fn read_documents(inputs: &[PathBuf]) -> Result<Vec<String>> {

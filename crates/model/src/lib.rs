@@ -13,12 +13,14 @@
 //! let out = student.forward(&ids, &mut cocomix_model::Ctx::eval())?;
 //! # Ok::<(), cocomix_model::Error>(())
 //! ```
+mod any;
 mod error;
 pub mod generate;
 pub mod gpt2;
 pub mod params;
 pub mod student;
 
+pub use any::AnyModel;
 pub use cocomix_ops as ops;
 pub use error::{Error, Result};
 pub use generate::{generate, Sampling};

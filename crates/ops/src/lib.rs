@@ -292,15 +292,12 @@ pub fn concept_loss(concept_logits: &Tensor, labels: &Tensor) -> Result<Tensor> 
     Ok(picked.mean_all()?.neg()?)
 }
 
-/// Distillation term KL(p_teacher^τ ‖ p_student^τ), mean over the `B·(T−1)` predicting
-/// positions (the last position predicts nothing). Logits are `[B, T, V]`, same vocabulary.
+/// Distillation term KL(p_teacher^τ ‖ p_student^τ), mean over every position given.
+/// Logits are `[B, T, V]` over the same vocabulary; the teacher gets no gradient.
 pub fn kd_kl(student_logits: &Tensor, teacher_logits: &Tensor, tau: f64) -> Result<Tensor> {
     let (b, t, v) = student_logits.dims3()?;
     let flat = |x: &Tensor| -> candle_core::Result<Tensor> {
-        x.narrow(1, 0, t - 1)?
-            .to_dtype(DType::F32)?
-            .reshape((b * (t - 1), v))?
-            / tau
+        x.to_dtype(DType::F32)?.reshape((b * t, v))? / tau
     };
     let ls = candle_nn::ops::log_softmax(&flat(student_logits)?, D::Minus1)?;
     let lt = candle_nn::ops::log_softmax(&flat(&teacher_logits.detach())?, D::Minus1)?;

@@ -1,0 +1,381 @@
+//! The `cocomix` binary from the outside.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+use cocomix_data::Tokenizer;
+use cocomix_model::{ConceptConfig, Gpt2Config, Student, StudentConfig};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cocomix"));
+    c.env("RUST_LOG", "warn").env("RAYON_NUM_THREADS", "1");
+    c
+}
+
+fn run_ok(c: &mut Command) -> String {
+    let out = c.output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        c,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn golden() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/golden")
+}
+
+const TEXT: &str =
+    "the cat sat on the mat and the dog sat on the log while the bird sang in the tree. ";
+
+/// A folder with the golden teacher's weights and a small tokenizer whose ids fit its vocabulary.
+fn teacher_with_tokenizer(dir: &Path) -> PathBuf {
+    let t = dir.join("teacher");
+    std::fs::create_dir_all(&t).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(golden().join("teacher").join(f), t.join(f)).unwrap();
+    }
+    Tokenizer::train_bpe([TEXT.repeat(20)].iter(), 300)
+        .unwrap()
+        .save(&t)
+        .unwrap();
+    t
+}
+
+#[test]
+fn eval_ppl_json_matches_an_independent_computation() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = teacher_with_tokenizer(dir.path());
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, TEXT.repeat(3)).unwrap();
+    let out = run_ok(
+        bin()
+            .args(["eval", "ppl", "--model"])
+            .arg(&t)
+            .arg("--text")
+            .arg(&text)
+            .args(["--seq-len", "16", "--json"]),
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let tok = Tokenizer::from_dir(&t).unwrap().unwrap();
+    let ids = tok.encode(&TEXT.repeat(3)).unwrap();
+    assert_eq!(v["tokens"].as_u64().unwrap() as usize, ids.len() - 1);
+    // Independent: mean CE over windows of 16 inputs, via the library's model directly.
+    let g = cocomix_model::Gpt2::load(t.to_str().unwrap(), &Device::Cpu).unwrap();
+    let (mut sum, mut n) = (0f64, 0usize);
+    for s in (0..ids.len() - 1).step_by(16) {
+        let len = 16.min(ids.len() - 1 - s);
+        let x = Tensor::new(&ids[s..s + len], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits: Vec<Vec<f32>> = g
+            .forward(&x)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for (p, row) in logits.iter().enumerate() {
+            let m = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let lse = m + row.iter().map(|&z| (z as f64 - m).exp()).sum::<f64>().ln();
+            sum += lse - row[ids[s + p + 1] as usize] as f64;
+            n += 1;
+        }
+    }
+    let nll = sum / n as f64;
+    assert!(
+        (v["nll"].as_f64().unwrap() - nll).abs() < 1e-4,
+        "{v} vs {nll}"
+    );
+    assert!((v["ppl"].as_f64().unwrap() - nll.exp()).abs() < 1e-3 * nll.exp());
+}
+
+#[test]
+fn sae_encode_and_attribute_print_the_documented_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = teacher_with_tokenizer(dir.path());
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, TEXT).unwrap();
+    let sae = golden().join("sae.pt");
+    let out = run_ok(
+        bin()
+            .args(["sae", "encode", "--sae"])
+            .arg(&sae)
+            .arg("--model")
+            .arg(&t)
+            .args(["--layer", "1", "--text"])
+            .arg(&text)
+            .arg("--json"),
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let n = v["tokens"].as_array().unwrap().len();
+    assert_eq!(v["indices"].as_array().unwrap().len(), n);
+    for row in v["values"].as_array().unwrap() {
+        let r: Vec<f64> = row
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(r.len(), 8);
+        assert!(
+            r.windows(2).all(|w| w[0] >= w[1]),
+            "sorted descending: {r:?}"
+        );
+    }
+    let out = run_ok(
+        bin()
+            .args(["attribute", "--teacher"])
+            .arg(&t)
+            .arg("--sae")
+            .arg(&sae)
+            .args(["--layer", "1", "--k-attr", "4", "--text"])
+            .arg(&text)
+            .arg("--json"),
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["labels"].as_array().unwrap().len(), n);
+    assert_eq!(v["scores"][0].as_array().unwrap().len(), 4);
+    // A tokenizer that does not fit the model is a clear error.
+    let gpt2_dir = dir.path().join("gpt2tok");
+    std::fs::create_dir_all(&gpt2_dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(golden().join("teacher").join(f), gpt2_dir.join(f)).unwrap();
+    }
+    std::fs::write(
+        &text,
+        "Hello world, this text uses GPT-2 ids far above 512.",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["sae", "encode", "--sae"])
+        .arg(&sae)
+        .arg("--model")
+        .arg(&gpt2_dir)
+        .args(["--layer", "1", "--text"])
+        .arg(&text)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("outside the model's vocabulary"));
+}
+
+#[test]
+fn generate_with_and_without_steering() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = Tokenizer::train_bpe([TEXT.repeat(20)].iter(), 300).unwrap();
+    let cfg = StudentConfig {
+        gpt2: Gpt2Config::new(tok.vocab_size(), 32, 16, 2, 2).with_dropout(0.0),
+        concept: Some(ConceptConfig {
+            concept_dim: 24,
+            concept_num: 4,
+            insert_layer_index: 1,
+        }),
+    };
+    let m = dir.path().join("student");
+    Student::new(&cfg, 1, &Device::Cpu)
+        .unwrap()
+        .save(&m)
+        .unwrap();
+    tok.save(&m).unwrap();
+    let gen = |extra: &[&str]| {
+        run_ok(
+            bin()
+                .args(["generate", "--model"])
+                .arg(&m)
+                .args(["--prompt", "the cat", "--max-new-tokens", "6"])
+                .args(extra),
+        )
+    };
+    let plain = gen(&[]);
+    assert!(plain.starts_with("the cat"));
+    assert_eq!(plain, gen(&[]), "greedy decoding is deterministic");
+    let steered = gen(&["--steer", "3=50", "--steer", "7=-50", "--force-topk"]);
+    assert!(steered.starts_with("the cat"));
+    let out = bin()
+        .args(["generate", "--model"])
+        .arg(&m)
+        .args(["--prompt", "x", "--steer", "99=1"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("out of range"));
+}
+
+const TINY: &str = r#"
+[run]
+name = "tiny"
+out_dir = "OUT"
+seed = 3
+objectives = ["ntp", "cocomix"]
+[data]
+inputs = ["CORPUS"]
+dir = "OUT/data"
+tokenizer = "train"
+vocab_size = 300
+val_fraction = 0.2
+split_seed = 1
+[teacher]
+source = "train"
+layer = 0
+[teacher.train]
+n_layer = 2
+d_model = 16
+n_head = 2
+steps = 4
+lr = 1e-3
+[sae]
+source = "train"
+n_latents = 32
+k = 4
+steps = 4
+batch_tokens = 64
+lr = 1e-3
+[concept]
+k_attr = 2
+lambda = 0.1
+concept_num = 4
+insert_layer = 1
+labels = "cache"
+label_mode = "faithful"
+cache_windows = 64
+[model]
+n_layer = 2
+d_model = 16
+d_model_ntp = 16
+n_head = 2
+context = 16
+dropout = 0.1
+[optim]
+lr = 1e-3
+min_lr = 1e-4
+warmup = 2
+steps = 200
+batch_size = 4
+grad_accum = 1
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+eps = 1e-8
+clip = 1.0
+[kd]
+alpha = 1.0
+tau = 1.0
+[eval]
+every = 50
+max_val_blocks = 4
+[checkpoint]
+every = 2
+keep_last = 2
+"#;
+
+fn tiny_config(dir: &Path, out: &str) -> PathBuf {
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, TEXT.repeat(40)).unwrap();
+    std::fs::write(dir.join("corpus2.txt"), TEXT.repeat(10)).unwrap();
+    let cfg = TINY
+        .replace("OUT", &dir.join(out).display().to_string())
+        .replace(
+            "\"CORPUS\"",
+            &format!(
+                "\"{}\", \"{}\"",
+                corpus.display(),
+                dir.join("corpus2.txt").display()
+            ),
+        );
+    let p = dir.join(format!("{out}.toml"));
+    std::fs::write(&p, cfg).unwrap();
+    p
+}
+
+fn metric_losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn a_sigkilled_run_resumes_to_the_same_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let full_cfg = tiny_config(dir.path(), "full");
+    run_ok(bin().args(["train", "--config"]).arg(&full_cfg));
+    let full = dir.path().join("full/tiny/cocomix");
+    assert!(
+        dir.path().join("full/tiny/report.md").is_file()
+            && dir.path().join("full/tiny/loss.png").is_file()
+    );
+
+    let cfg = tiny_config(dir.path(), "killed");
+    let mut child = bin().args(["train", "--config"]).arg(&cfg).spawn().unwrap();
+    let run = dir.path().join("killed/tiny/cocomix");
+    let t0 = std::time::Instant::now();
+    // Kill -9 once the CoCoMix student has checkpointed step 10 or later.
+    let newest = |run: &Path| -> u64 {
+        std::fs::read_dir(run.join("checkpoints"))
+            .map(|rd| {
+                rd.filter_map(|e| {
+                    e.ok()?
+                        .file_name()
+                        .to_str()?
+                        .strip_prefix("step-")?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .max()
+                .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    };
+    while newest(&run) < 10 {
+        assert!(t0.elapsed().as_secs() < 300, "no checkpoint appeared");
+        if let Some(s) = child.try_wait().unwrap() {
+            panic!("finished before it could be killed: {s}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+    assert!(!run.join("final").exists(), "killed before the end");
+    run_ok(bin().args(["train", "--resume", "--config"]).arg(&cfg));
+    assert_eq!(metric_losses(&run), metric_losses(&full));
+    // A second call reuses every stage.
+    let out = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("reusing the finished run")
+            && log.contains("reusing the SAE")
+            && log.contains("reusing the small teacher"),
+        "{log}"
+    );
+}
+
+#[test]
+fn bad_configs_fail_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(dir.path(), "bad");
+    let out = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .args(["--set", "concept.insert_layer=5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("insert_layer") && err.contains("bad.toml"),
+        "{err}"
+    );
+    assert!(!dir.path().join("bad").exists(), "nothing was written");
+}

@@ -1,0 +1,359 @@
+//! Run configs: TOML files in `configs/`, any key overridable with `--set section.key=value`,
+//! checked before any work starts.
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Which loss a student trains with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Next-token cross-entropy.
+    Ntp,
+    /// Distillation from the teacher: α·τ²·KL(p_t^τ ‖ p_s^τ) + (1 − α)·CE.
+    Kd,
+    /// NTP + λ·concept loss with the interleaved concept path.
+    Cocomix,
+}
+
+impl std::fmt::Display for Objective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Objective::Ntp => "ntp",
+            Objective::Kd => "kd",
+            Objective::Cocomix => "cocomix",
+        })
+    }
+}
+
+/// `[run]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    pub name: String,
+    /// Runs go to `out_dir/name/<objective>`.
+    pub out_dir: PathBuf,
+    pub seed: u64,
+    /// Students the main job trains, with the same token budget and seed.
+    pub objectives: Vec<Objective>,
+}
+
+/// `[data]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Corpus files and folders (prepared into `dir` when needed).
+    pub inputs: Vec<PathBuf>,
+    /// The prepared data folder.
+    pub dir: PathBuf,
+    /// `gpt2` (bundled), a tokenizer file/folder or hub id, or `train` (a byte-level BPE of
+    /// `vocab_size` trained on the corpus).
+    pub tokenizer: String,
+    #[serde(default)]
+    pub vocab_size: Option<usize>,
+    pub val_fraction: f64,
+    pub split_seed: u64,
+}
+
+/// `[teacher]`: a frozen LM (a folder or hub id), or `source = "train"` to train a small
+/// one on the corpus first (shape and budget below).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherSection {
+    pub source: String,
+    /// The layer the SAE reads (output of block `layer`, 0-indexed).
+    pub layer: usize,
+    #[serde(default)]
+    pub train: Option<ShapeBudget>,
+}
+
+/// Shape and budget of a model trained by the pipeline (the default teacher).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShapeBudget {
+    pub n_layer: usize,
+    pub d_model: usize,
+    pub n_head: usize,
+    pub steps: u64,
+    pub lr: f64,
+}
+
+/// `[sae]`: an SAE file / URL / `hf://` path, or `source = "train"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaeSection {
+    pub source: String,
+    pub n_latents: usize,
+    pub k: usize,
+    /// Training steps and tokens per step when `source = "train"`.
+    pub steps: u64,
+    pub batch_tokens: usize,
+    pub lr: f64,
+}
+
+/// `[concept]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConceptSection {
+    pub k_attr: usize,
+    /// λ, the weight of the concept loss.
+    pub lambda: f64,
+    /// K_c, predicted concepts kept by the TopK.
+    pub concept_num: usize,
+    pub insert_layer: usize,
+    /// `cache` (label cache, aligned windows) or `online` (teacher every step, random offsets).
+    pub labels: String,
+    /// `faithful` or `active-only`.
+    pub label_mode: String,
+    /// Windows the label cache covers (0: the whole training shard).
+    #[serde(default)]
+    pub cache_windows: usize,
+}
+
+/// `[model]`: the student. NTP and KD students use `d_model_ntp` (wider, to match size).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub n_layer: usize,
+    pub d_model: usize,
+    pub d_model_ntp: usize,
+    pub n_head: usize,
+    pub context: usize,
+    pub dropout: f64,
+}
+
+/// `[optim]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimSection {
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup: u64,
+    pub steps: u64,
+    /// Sequences per optimizer step (split into `grad_accum` micro-batches).
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip.
+    pub clip: f64,
+}
+
+/// `[kd]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KdSection {
+    pub alpha: f64,
+    pub tau: f64,
+}
+
+/// `[eval]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Validation every this many steps (and at the end).
+    pub every: u64,
+    /// At most this many validation blocks of `context` tokens.
+    pub max_val_blocks: usize,
+}
+
+/// `[checkpoint]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    pub every: u64,
+    /// Checkpoints kept besides the best one.
+    pub keep_last: usize,
+}
+
+/// A whole run config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub run: RunSection,
+    pub data: DataSection,
+    pub teacher: TeacherSection,
+    pub sae: SaeSection,
+    pub concept: ConceptSection,
+    pub model: ModelSection,
+    pub optim: OptimSection,
+    pub kd: KdSection,
+    pub eval: EvalSection,
+    pub checkpoint: CheckpointSection,
+}
+
+fn parse_value(text: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+}
+
+impl RunConfig {
+    /// Reads a TOML config, applies `key=value` overrides (`optim.lr=3e-4`), and validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+        Self::from_toml(&text, overrides).map_err(|e| Error::file(path, e))
+    }
+
+    /// Parses TOML text with overrides and validates.
+    pub fn from_toml(text: &str, overrides: &[String]) -> Result<Self> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        for o in overrides {
+            let (key, value) = o.split_once('=').ok_or_else(|| {
+                Error::Config(format!("override {o:?}: expected section.key=value"))
+            })?;
+            let parts: Vec<&str> = key.trim().split('.').collect();
+            let (last, sections) = parts.split_last().expect("split yields one part");
+            let mut t = &mut table;
+            for s in sections {
+                t = t
+                    .entry(s.to_string())
+                    .or_insert_with(|| toml::Value::Table(Default::default()))
+                    .as_table_mut()
+                    .ok_or_else(|| {
+                        Error::Config(format!("override {o:?}: {s} is not a section"))
+                    })?;
+            }
+            t.insert(last.to_string(), parse_value(value.trim()));
+        }
+        let cfg: Self = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The config as TOML (what a run folder records).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// Checks every value that can be checked without loading anything.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        let m = &self.model;
+        let o = &self.optim;
+        let c = &self.concept;
+        if m.n_layer == 0 || m.d_model == 0 || m.d_model_ntp == 0 || m.n_head == 0 || m.context < 2
+        {
+            return bad(format!(
+                "model sizes must be positive and context ≥ 2: {m:?}"
+            ));
+        }
+        if m.d_model % m.n_head != 0 || m.d_model_ntp % m.n_head != 0 {
+            return bad(format!(
+                "model.d_model {} and d_model_ntp {} must be divisible by n_head {}",
+                m.d_model, m.d_model_ntp, m.n_head
+            ));
+        }
+        if !(0.0..1.0).contains(&m.dropout) {
+            return bad(format!("model.dropout {} must be in [0, 1)", m.dropout));
+        }
+        if c.insert_layer >= m.n_layer {
+            return bad(format!(
+                "concept.insert_layer {} must be below model.n_layer {}",
+                c.insert_layer, m.n_layer
+            ));
+        }
+        if c.concept_num == 0 || c.concept_num > self.sae.n_latents {
+            return bad(format!(
+                "concept.concept_num (K_c) {} must be in 1..=sae.n_latents {}",
+                c.concept_num, self.sae.n_latents
+            ));
+        }
+        if c.k_attr == 0 || c.k_attr > self.sae.n_latents {
+            return bad(format!(
+                "concept.k_attr {} must be in 1..=sae.n_latents {}",
+                c.k_attr, self.sae.n_latents
+            ));
+        }
+        if self.sae.k == 0 || self.sae.k > self.sae.n_latents {
+            return bad(format!(
+                "sae.k {} must be in 1..=sae.n_latents {}",
+                self.sae.k, self.sae.n_latents
+            ));
+        }
+        if !matches!(c.labels.as_str(), "cache" | "online") {
+            return bad(format!(
+                "concept.labels {:?}: expected cache or online",
+                c.labels
+            ));
+        }
+        c.label_mode
+            .parse::<cocomix_attribution::LabelMode>()
+            .map_err(|e| Error::Config(format!("concept.label_mode: {e}")))?;
+        if o.batch_size == 0 || o.grad_accum == 0 || o.batch_size % o.grad_accum != 0 {
+            return bad(format!(
+                "optim.batch_size {} must be a positive multiple of optim.grad_accum {}",
+                o.batch_size, o.grad_accum
+            ));
+        }
+        if !(o.lr > 0.0) || o.min_lr < 0.0 || o.min_lr > o.lr {
+            return bad(format!(
+                "need 0 ≤ optim.min_lr ≤ optim.lr and lr > 0 (lr {}, min_lr {})",
+                o.lr, o.min_lr
+            ));
+        }
+        if o.steps == 0 || o.warmup > o.steps {
+            return bad(format!(
+                "optim.steps {} must be positive and ≥ optim.warmup {}",
+                o.steps, o.warmup
+            ));
+        }
+        if !(0.0..1.0).contains(&o.beta1)
+            || !(0.0..1.0).contains(&o.beta2)
+            || !(o.eps > 0.0)
+            || o.weight_decay < 0.0
+            || !(o.clip > 0.0)
+        {
+            return bad(format!(
+                "optim betas must be in [0, 1), eps and clip positive, weight_decay ≥ 0: {o:?}"
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.kd.alpha) || !(self.kd.tau > 0.0) {
+            return bad(format!(
+                "kd.alpha must be in [0, 1] and kd.tau > 0: {:?}",
+                self.kd
+            ));
+        }
+        if !(0.0..1.0).contains(&self.data.val_fraction) {
+            return bad(format!(
+                "data.val_fraction {} must be in [0, 1)",
+                self.data.val_fraction
+            ));
+        }
+        if self.data.tokenizer == "train" && self.data.vocab_size.is_none() {
+            return bad("data.tokenizer = \"train\" needs data.vocab_size".into());
+        }
+        if self.teacher.source == "train" {
+            let Some(t) = &self.teacher.train else {
+                return bad("teacher.source = \"train\" needs a [teacher.train] section".into());
+            };
+            if self.teacher.layer >= t.n_layer {
+                return bad(format!(
+                    "teacher.layer {} must be below teacher.train.n_layer {}",
+                    self.teacher.layer, t.n_layer
+                ));
+            }
+            if t.d_model % t.n_head != 0 {
+                return bad(format!(
+                    "teacher.train.d_model {} must be divisible by n_head {}",
+                    t.d_model, t.n_head
+                ));
+            }
+        }
+        if self.run.objectives.is_empty() {
+            return bad("run.objectives is empty".into());
+        }
+        if self.eval.every == 0 || self.checkpoint.every == 0 {
+            return bad("eval.every and checkpoint.every must be positive".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,53 @@
+//! Training for cocomix: the three objectives (NTP, KD, CoCoMix), AdamW with a warmup +
+//! cosine schedule and clipping, run folders with atomic checkpoints and exact resume,
+//! reports, SAE training on a teacher's residual stream, and the end-to-end main job.
+mod config;
+pub mod eval;
+pub mod optim;
+pub mod pipeline;
+pub mod report;
+mod run;
+pub mod tasks;
+
+pub use config::*;
+pub use run::{
+    default_device, list_checkpoints, read_metrics, train, validate, Labels, StepMetrics,
+    TrainOutcome, TrainSpec,
+};
+
+use std::path::PathBuf;
+
+/// Errors of the trainer crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Model(#[from] cocomix_model::Error),
+    #[error(transparent)]
+    Ops(#[from] cocomix_model::ops::Error),
+    #[error(transparent)]
+    Sae(#[from] cocomix_sae::Error),
+    #[error(transparent)]
+    Data(#[from] cocomix_data::Error),
+    #[error(transparent)]
+    Attribution(#[from] cocomix_attribution::Error),
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    pub(crate) fn file(path: impl Into<PathBuf>, e: impl std::fmt::Display) -> Self {
+        Error::File {
+            path: path.into(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// Result alias of the trainer crate.
+pub type Result<T> = std::result::Result<T, Error>;

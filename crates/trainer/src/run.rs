@@ -1,0 +1,625 @@
+//! The training loop and its run folder.
+//!
+//! ```text
+//! run_dir/
+//!   config.toml            resolved config of the run
+//!   metrics.jsonl          one line per step (and per validation)
+//!   checkpoints/step-N/    config.json, model.safetensors, optim.safetensors, state.json
+//!   best/                  the checkpoint with the lowest validation loss (model only)
+//!   final/                 the model at the end (+ tokenizer.json)
+//! ```
+//! Checkpoints are written into a temporary folder and renamed; `state.json`, written last,
+//! records the sha256 of the weight files, so a truncated checkpoint is detected on resume
+//! and the previous one is used. Batches and dropout masks are pure functions of
+//! `(seed, step)`, so a resumed run reproduces the uninterrupted one.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use cocomix_attribution::{attribute, labels, LabelCache, LabelMode};
+use cocomix_data::Dataset;
+use cocomix_model::ops::{concept_loss, cross_entropy, kd_kl};
+use cocomix_model::{Ctx, Gpt2, Student, StudentConfig};
+use cocomix_sae::Sae;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::optim::{clip_grad_norm, lr_at, AdamW};
+use crate::{ConceptSection, Error, KdSection, Objective, OptimSection, Result};
+
+/// Where CoCoMix labels come from.
+pub enum Labels<'a> {
+    /// Run the teacher and the SAE on every batch (random window offsets, as the paper).
+    Online {
+        sae: &'a Sae,
+        layer: usize,
+        mode: LabelMode,
+    },
+    /// Read them from a label cache (windows aligned to the cache's).
+    Cache(&'a LabelCache),
+}
+
+/// Everything one training run needs.
+pub struct TrainSpec<'a> {
+    pub objective: Objective,
+    pub student: StudentConfig,
+    pub optim: OptimSection,
+    pub data: &'a Dataset,
+    pub run_dir: PathBuf,
+    pub seed: u64,
+    /// Frozen teacher (KD, and CoCoMix with online labels).
+    pub teacher: Option<&'a Gpt2>,
+    pub labels: Option<Labels<'a>>,
+    /// Sample aligned windows `w·T` with `w < n` (the label cache's windows) for every
+    /// objective, so students compared with a cached CoCoMix run see the same batches.
+    pub aligned_windows: Option<usize>,
+    pub concept: ConceptSection,
+    pub kd: KdSection,
+    pub eval_every: u64,
+    pub max_val_blocks: usize,
+    pub checkpoint_every: u64,
+    pub keep_last: usize,
+    /// Continue from the latest checkpoint of `run_dir`.
+    pub resume: bool,
+    /// Stop (as if killed) right after this step: for tests of resumption.
+    pub stop_after: Option<u64>,
+    pub device: Device,
+    /// Text written into `run_dir/config.toml`.
+    pub config_text: String,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub tokens: u64,
+    pub lr: f64,
+    pub loss_ntp: f64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub loss_concept: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub loss_kd: Option<f64>,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub wall_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub val_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub val_ppl: Option<f64>,
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainOutcome {
+    pub objective: Objective,
+    pub steps: u64,
+    pub tokens: u64,
+    pub params: usize,
+    pub val_loss: f64,
+    pub val_ppl: f64,
+    /// Mean training throughput (tokens per second of training steps).
+    pub tokens_per_s: f64,
+    pub wall_s: f64,
+    pub final_dir: PathBuf,
+    pub stopped_early: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    step: u64,
+    tokens: u64,
+    wall_s: f64,
+    train_s: f64,
+    best_val: Option<f64>,
+    model_sha256: String,
+    optim_sha256: String,
+}
+
+fn sha_file(path: &Path) -> Result<String> {
+    Ok(cocomix_data::sha256_hex(
+        &std::fs::read(path).map_err(|e| Error::file(path, e))?,
+    ))
+}
+
+fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir.join("checkpoints").join(format!("step-{step:07}"))
+}
+
+/// Checkpoints of a run folder, newest first.
+pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    name.strip_prefix("step-")
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .map(|s| (s, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out
+}
+
+fn read_valid_checkpoint(dir: &Path) -> Result<CheckpointState> {
+    let sp = dir.join("state.json");
+    let text = std::fs::read_to_string(&sp).map_err(|e| Error::file(&sp, e))?;
+    let st: CheckpointState = serde_json::from_str(&text).map_err(|e| Error::file(&sp, e))?;
+    for (f, want) in [
+        ("model.safetensors", &st.model_sha256),
+        ("optim.safetensors", &st.optim_sha256),
+    ] {
+        if &sha_file(&dir.join(f))? != want {
+            return Err(Error::file(
+                dir.join(f),
+                "checksum differs from state.json: truncated or corrupt",
+            ));
+        }
+    }
+    Ok(st)
+}
+
+/// Copies a model folder's `config.json` + `model.safetensors` into `dst` atomically.
+fn save_model_dir(student: &Student, data: &Dataset, dst: &Path) -> Result<()> {
+    let tmp = dst.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    student.save(&tmp)?;
+    if let Ok(tok) = data.tokenizer() {
+        tok.save(&tmp)?;
+    }
+    let old = dst.with_extension("old");
+    let _ = std::fs::remove_dir_all(&old);
+    if dst.exists() {
+        std::fs::rename(dst, &old).map_err(|e| Error::file(dst, e))?;
+    }
+    std::fs::rename(&tmp, dst).map_err(|e| Error::file(dst, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Mean next-token loss over (at most `max_blocks`) validation blocks of `context` tokens.
+pub fn validate(
+    student: &Student,
+    data: &Dataset,
+    context: usize,
+    max_blocks: usize,
+    batch: usize,
+) -> Result<f64> {
+    let starts: Vec<usize> = data
+        .val_block_starts(context)
+        .into_iter()
+        .take(max_blocks)
+        .collect();
+    if starts.is_empty() {
+        return Err(Error::file(
+            &data.val.path().to_path_buf(),
+            format!("fewer than {} validation tokens", context + 1),
+        ));
+    }
+    let (mut sum, mut n) = (0f64, 0usize);
+    for chunk in starts.chunks(batch.max(1)) {
+        let mut ids = Vec::with_capacity(chunk.len() * (context + 1));
+        for &s in chunk {
+            data.val.read_into(s, context + 1, &mut ids);
+        }
+        let ids = Tensor::from_vec(ids, (chunk.len(), context + 1), student.device())?;
+        let (x, y) = (ids.narrow(1, 0, context)?, ids.narrow(1, 1, context)?);
+        let out = student.forward(&x, &mut Ctx::eval())?;
+        let v = out.logits.dim(2)?;
+        let l = cross_entropy(&out.logits.reshape(((), v))?, &y.flatten_all()?)?;
+        sum += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+        n += chunk.len();
+    }
+    Ok(sum / n as f64)
+}
+
+struct Batch {
+    x: Tensor,
+    y: Tensor,
+    labels: Option<Tensor>,
+}
+
+fn batch_rng(seed: u64, index: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_add(0x5851_F42D_4C95_7F2D),
+    )
+}
+
+fn make_batch(spec: &TrainSpec, step: u64, micro: u64, rows: usize) -> Result<Batch> {
+    let t = spec.student.gpt2.n_positions;
+    let index = step * spec.optim.grad_accum as u64 + micro;
+    let dev = &spec.device;
+    let cache = match &spec.labels {
+        Some(Labels::Cache(c)) if spec.objective == Objective::Cocomix => Some(*c),
+        _ => None,
+    };
+    let (ids, cached) = match cache.map(|c| c.n_windows()).or(spec.aligned_windows) {
+        Some(n_windows) => {
+            let mut rng = batch_rng(spec.seed, index);
+            let (mut ids, mut lab) = (Vec::new(), Vec::new());
+            for _ in 0..rows {
+                let w = rng.random_range(0..n_windows);
+                spec.data.train.read_into(w * t, t + 1, &mut ids);
+                if let Some(c) = cache {
+                    lab.extend(c.window_labels(w));
+                }
+            }
+            let labels = cache
+                .map(|c| Tensor::from_vec(lab, (rows, t, c.meta().spec.k_attr), dev))
+                .transpose()?;
+            (ids, labels)
+        }
+        None => (spec.data.train_batch(rows, t, spec.seed, index)?, None),
+    };
+    let ids = Tensor::from_vec(ids, (rows, t + 1), dev)?;
+    let (x, y) = (
+        ids.narrow(1, 0, t)?.contiguous()?,
+        ids.narrow(1, 1, t)?.contiguous()?,
+    );
+    let labels = match (&spec.labels, cached) {
+        (_, Some(l)) => Some(l),
+        (Some(Labels::Online { sae, layer, mode }), None)
+            if spec.objective == Objective::Cocomix =>
+        {
+            let teacher = spec
+                .teacher
+                .ok_or_else(|| Error::Other("online labels need a teacher".into()))?;
+            let att = attribute(teacher, sae, &x, *layer)?;
+            let (lab, _) = labels(&att, sae.n_latents(), spec.concept.k_attr, *mode)?;
+            Some(lab.reshape((rows, t, spec.concept.k_attr))?)
+        }
+        _ => None,
+    };
+    Ok(Batch { x, y, labels })
+}
+
+struct Losses {
+    total: Tensor,
+    ntp: f64,
+    concept: Option<f64>,
+    kd: Option<f64>,
+}
+
+fn losses(spec: &TrainSpec, student: &Student, b: &Batch, ctx: &mut Ctx) -> Result<Losses> {
+    let out = student.forward(&b.x, ctx)?;
+    let v = out.logits.dim(2)?;
+    let ce = cross_entropy(&out.logits.reshape(((), v))?, &b.y.flatten_all()?)?;
+    let ntp = ce.to_scalar::<f32>()? as f64;
+    match spec.objective {
+        Objective::Ntp => Ok(Losses {
+            total: ce,
+            ntp,
+            concept: None,
+            kd: None,
+        }),
+        Objective::Cocomix => {
+            let lab = b
+                .labels
+                .as_ref()
+                .ok_or_else(|| Error::Other("CoCoMix needs concept labels".into()))?;
+            let cl = out
+                .concept_logits
+                .as_ref()
+                .ok_or_else(|| Error::Other("the student has no concept path".into()))?;
+            let lc = concept_loss(cl, lab)?;
+            let concept = lc.to_scalar::<f32>()? as f64;
+            Ok(Losses {
+                total: (ce + (lc * spec.concept.lambda)?)?,
+                ntp,
+                concept: Some(concept),
+                kd: None,
+            })
+        }
+        Objective::Kd => {
+            let teacher = spec
+                .teacher
+                .ok_or_else(|| Error::Other("KD needs a teacher".into()))?;
+            let tl = teacher.forward(&b.x)?;
+            let (a, tau) = (spec.kd.alpha, spec.kd.tau);
+            let kl = kd_kl(&out.logits, &tl, tau)?;
+            let kd = kl.to_scalar::<f32>()? as f64;
+            let total = ((kl * (a * tau * tau))? + (ce * (1.0 - a))?)?;
+            Ok(Losses {
+                total,
+                ntp,
+                concept: None,
+                kd: Some(kd),
+            })
+        }
+    }
+}
+
+fn truncate_metrics(path: &Path, upto: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= upto))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    cocomix_data::write_atomic(path, kept.as_bytes())?;
+    Ok(())
+}
+
+/// Trains a student as `spec` says; returns the outcome and writes the run folder.
+pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
+    let run_dir = &spec.run_dir;
+    std::fs::create_dir_all(run_dir.join("checkpoints")).map_err(|e| Error::file(run_dir, e))?;
+    cocomix_data::write_atomic(&run_dir.join("config.toml"), spec.config_text.as_bytes())?;
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let o = &spec.optim;
+    let t = spec.student.gpt2.n_positions;
+    let rows = o.batch_size / o.grad_accum;
+
+    // Resume from the newest valid checkpoint, else start fresh.
+    let mut resumed: Option<(CheckpointState, PathBuf)> = None;
+    if spec.resume {
+        for (_, dir) in list_checkpoints(run_dir) {
+            match read_valid_checkpoint(&dir) {
+                Ok(st) => {
+                    resumed = Some((st, dir));
+                    break;
+                }
+                Err(e) => tracing::warn!("skipping checkpoint: {e}"),
+            }
+        }
+        if resumed.is_none() {
+            tracing::info!("{}: no valid checkpoint, starting fresh", run_dir.display());
+        }
+    }
+    let (student, mut opt, start, mut tokens, mut wall0, mut train_s, mut best_val) = match &resumed
+    {
+        Some((st, dir)) => {
+            let student = Student::load(dir, &spec.device)?;
+            if student.cfg != spec.student {
+                return Err(Error::file(
+                    dir.join("config.json"),
+                    "the checkpoint's model config differs from this run's",
+                ));
+            }
+            let mut opt = AdamW::new(student.vars(), o)?;
+            opt.load_state(&dir.join("optim.safetensors"), st.step)?;
+            truncate_metrics(&metrics_path, st.step)?;
+            tracing::info!("resuming {} at step {}", run_dir.display(), st.step);
+            (
+                student,
+                opt,
+                st.step,
+                st.tokens,
+                st.wall_s,
+                st.train_s,
+                st.best_val,
+            )
+        }
+        None => {
+            let _ = std::fs::remove_file(&metrics_path);
+            let student = Student::new(&spec.student, spec.seed, &spec.device)?;
+            let opt = AdamW::new(student.vars(), o)?;
+            (student, opt, 0, 0, 0.0, 0.0, None)
+        }
+    };
+    let params: usize = student.vars().iter().map(|(_, v)| v.elem_count()).sum();
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::file(&metrics_path, e))?;
+    let began = Instant::now();
+    let bar = indicatif::ProgressBar::new(o.steps).with_position(start);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:25}] {pos}/{len} {msg} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(spec.objective.to_string());
+    let mut last_val = None;
+    let mut stopped_early = false;
+    let mut last_good = list_checkpoints(run_dir).first().map(|c| c.1.clone());
+
+    for step in start..o.steps {
+        let t0 = Instant::now();
+        let lr = lr_at(o, step);
+        let mut acc: Option<Vec<Tensor>> = None;
+        let (mut ntp, mut concept, mut kd, mut total) = (0f64, 0f64, 0f64, 0f64);
+        let (mut has_c, mut has_kd) = (false, false);
+        for micro in 0..o.grad_accum as u64 {
+            let b = make_batch(spec, step, micro, rows)?;
+            let mut ctx = Ctx::train(
+                spec.seed
+                    ^ (step * o.grad_accum as u64 + micro).wrapping_mul(0xD129_0A5B_3C31_4F6B),
+            );
+            let l = losses(spec, &student, &b, &mut ctx)?;
+            let lt = l.total.to_scalar::<f32>()? as f64;
+            if !lt.is_finite() {
+                let keep = last_good
+                    .as_ref()
+                    .map_or("none yet".to_string(), |p| p.display().to_string());
+                return Err(Error::Other(format!(
+                    "step {step}: the loss is {lt}; stopping. Last good checkpoint: {keep}"
+                )));
+            }
+            // Gradients are built from tracked ops: detach them, or each would keep its step's
+            // whole graph alive through the optimizer moments.
+            let grads = (l.total / o.grad_accum as f64)?.backward()?;
+            let gs: Vec<Tensor> = student
+                .vars()
+                .iter()
+                .map(|(n, v)| {
+                    grads
+                        .get(v.as_tensor())
+                        .map(|g| g.detach())
+                        .ok_or_else(|| Error::Other(format!("no gradient for {n}")))
+                })
+                .collect::<Result<_>>()?;
+            acc = Some(match acc {
+                None => gs,
+                Some(a) => a
+                    .iter()
+                    .zip(&gs)
+                    .map(|(x, y)| x + y)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+            ntp += l.ntp;
+            total += lt;
+            if let Some(c) = l.concept {
+                concept += c;
+                has_c = true;
+            }
+            if let Some(k) = l.kd {
+                kd += k;
+                has_kd = true;
+            }
+        }
+        let mut grads = acc.expect("grad_accum ≥ 1");
+        let grad_norm = clip_grad_norm(&mut grads, o.clip)?;
+        opt.update(&grads, lr)?;
+        let step_s = t0.elapsed().as_secs_f64();
+        train_s += step_s;
+        let step_tokens = (o.batch_size * t) as u64;
+        tokens += step_tokens;
+        let n = o.grad_accum as f64;
+        let mut m = StepMetrics {
+            step: step + 1,
+            tokens,
+            lr,
+            loss_ntp: ntp / n,
+            loss_concept: has_c.then_some(concept / n),
+            loss_kd: has_kd.then_some(kd / n),
+            loss: total / n,
+            grad_norm,
+            tokens_per_s: step_tokens as f64 / step_s,
+            wall_s: wall0 + began.elapsed().as_secs_f64(),
+            ..Default::default()
+        };
+        let done = step + 1;
+        if done % spec.eval_every == 0 || done == o.steps {
+            let vl = validate(&student, spec.data, t, spec.max_val_blocks, rows)?;
+            m.val_loss = Some(vl);
+            m.val_ppl = Some(vl.exp());
+            last_val = Some(vl);
+            if best_val.is_none_or(|b| vl < b) {
+                best_val = Some(vl);
+                save_model_dir(&student, spec.data, &run_dir.join("best"))?;
+            }
+        }
+        writeln!(
+            metrics,
+            "{}",
+            serde_json::to_string(&m).map_err(|e| Error::Other(e.to_string()))?
+        )
+        .map_err(|e| Error::file(&metrics_path, e))?;
+        metrics.flush().map_err(|e| Error::file(&metrics_path, e))?;
+        bar.set_position(done);
+        bar.set_message(format!(
+            "loss {:.3}{} {:.0} tok/s",
+            m.loss_ntp,
+            m.loss_concept
+                .map(|c| format!(" concept {c:.3}"))
+                .or(m.loss_kd.map(|k| format!(" kd {k:.3}")))
+                .unwrap_or_default(),
+            m.tokens_per_s
+        ));
+        if done % spec.checkpoint_every == 0 || done == o.steps {
+            let wall = wall0 + began.elapsed().as_secs_f64();
+            last_good = Some(write_checkpoint(
+                spec, &student, &opt, done, tokens, wall, train_s, best_val,
+            )?);
+        }
+        if spec.stop_after == Some(done) && done < o.steps {
+            stopped_early = true;
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    wall0 += began.elapsed().as_secs_f64();
+    let final_dir = run_dir.join("final");
+    if !stopped_early {
+        save_model_dir(&student, spec.data, &final_dir)?;
+    }
+    let val_loss = match last_val {
+        Some(v) => v,
+        None => validate(&student, spec.data, t, spec.max_val_blocks, rows)?,
+    };
+    Ok(TrainOutcome {
+        objective: spec.objective,
+        steps: if stopped_early {
+            spec.stop_after.unwrap_or(0)
+        } else {
+            o.steps
+        },
+        tokens,
+        params,
+        val_loss,
+        val_ppl: val_loss.exp(),
+        tokens_per_s: tokens as f64 / train_s.max(1e-9),
+        wall_s: wall0,
+        final_dir,
+        stopped_early,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_checkpoint(
+    spec: &TrainSpec,
+    student: &Student,
+    opt: &AdamW,
+    step: u64,
+    tokens: u64,
+    wall_s: f64,
+    train_s: f64,
+    best_val: Option<f64>,
+) -> Result<PathBuf> {
+    let dir = step_dir(&spec.run_dir, step);
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    student.save(&tmp)?;
+    cocomix_model::params::save_safetensors(&opt.state(), &tmp.join("optim.safetensors"), &[])?;
+    let st = CheckpointState {
+        step,
+        tokens,
+        wall_s,
+        train_s,
+        best_val,
+        model_sha256: sha_file(&tmp.join("model.safetensors"))?,
+        optim_sha256: sha_file(&tmp.join("optim.safetensors"))?,
+    };
+    cocomix_data::write_atomic(
+        &tmp.join("state.json"),
+        serde_json::to_string_pretty(&st)
+            .map_err(|e| Error::Other(e.to_string()))?
+            .as_bytes(),
+    )?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(|e| Error::file(&dir, e))?;
+    for (_, old) in list_checkpoints(&spec.run_dir)
+        .into_iter()
+        .skip(spec.keep_last.max(1))
+    {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(dir)
+}
+
+/// Reads a run's `metrics.jsonl`.
+pub fn read_metrics(run_dir: &Path) -> Result<Vec<StepMetrics>> {
+    let p = run_dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::file(&p, e))?;
+    text.lines()
+        .map(|l| serde_json::from_str(l).map_err(|e| Error::file(&p, e)))
+        .collect()
+}
+
+/// The default device of this build: CUDA or Metal when compiled with that feature, else CPU.
+pub fn default_device() -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    return Ok(Device::new_cuda(0)?);
+    #[cfg(all(feature = "metal", not(feature = "cuda")))]
+    return Ok(Device::new_metal(0)?);
+    #[cfg(not(any(feature = "cuda", feature = "metal")))]
+    Ok(Device::Cpu)
+}

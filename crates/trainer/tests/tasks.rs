@@ -1,0 +1,228 @@
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use cocomix_data::Tokenizer;
+use cocomix_model::{AnyModel, Gpt2, Gpt2Config, Params};
+use cocomix_trainer::tasks::{
+    encode_pair, evaluate, load_task, Choice, Doc, ModelScorer, Scorer, Task,
+};
+
+fn tok() -> Tokenizer {
+    Tokenizer::gpt2().unwrap()
+}
+
+/// Log-likelihoods set by hand, keyed by the decoded (context, continuation).
+struct Hand {
+    tok: Tokenizer,
+    ll: HashMap<(String, String), (f64, bool)>,
+}
+
+impl Scorer for Hand {
+    fn score(&self, group: &[(Vec<u32>, Vec<u32>)]) -> cocomix_trainer::Result<Vec<(f64, bool)>> {
+        Ok(group
+            .iter()
+            .map(|(c, k)| {
+                let key = (self.tok.decode(c).unwrap(), self.tok.decode(k).unwrap());
+                *self
+                    .ll
+                    .get(&key)
+                    .unwrap_or_else(|| panic!("no hand value for {key:?}"))
+            })
+            .collect())
+    }
+}
+
+fn doc(ctx: &str, conts: &[&str], gold: usize) -> Doc {
+    Doc {
+        choices: conts
+            .iter()
+            .map(|c| Choice {
+                context: ctx.into(),
+                continuation: c.to_string(),
+            })
+            .collect(),
+        gold,
+    }
+}
+
+#[test]
+fn acc_and_acc_norm_disagree_exactly_as_computed_by_hand() {
+    let task = Task {
+        name: "hellaswag".into(),
+        docs: vec![
+            doc("Q1", &[" a", " bbbbbbbb"], 1),
+            doc("Q2", &[" yes", " no"], 0),
+        ],
+    };
+    let ll = HashMap::from([
+        (("Q1".into(), " a".into()), (-2.0, false)),
+        (("Q1".into(), " bbbbbbbb".into()), (-3.0, false)),
+        (("Q2".into(), " yes".into()), (-1.0, false)),
+        (("Q2".into(), " no".into()), (-4.0, false)),
+    ]);
+    let r = evaluate(&task, &tok(), &Hand { tok: tok(), ll }, None).unwrap();
+    // Doc 1: raw ll picks " a" (wrong); per byte −2/2 = −1 < −3/9: picks the gold one.
+    assert_eq!(r.metrics["acc"].value, 0.5);
+    assert_eq!(r.metrics["acc_norm"].value, 1.0);
+    // Sample std of {0, 1} is √0.5; stderr = √(0.5/2) = 0.5.
+    assert!((r.metrics["acc"].stderr - 0.5).abs() < 1e-12);
+    assert_eq!(r.metrics["acc_norm"].stderr, 0.0);
+    assert_eq!(r.samples, 2);
+    let limited = evaluate(
+        &task,
+        &tok(),
+        &Hand {
+            tok: tok(),
+            ll: HashMap::from([
+                (("Q1".into(), " a".into()), (-2.0, false)),
+                (("Q1".into(), " bbbbbbbb".into()), (-3.0, false)),
+            ]),
+        },
+        Some(1),
+    )
+    .unwrap();
+    assert_eq!(limited.samples, 1);
+}
+
+#[test]
+fn winogrande_partial_scoring_from_the_hf_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("winogrande.jsonl");
+    std::fs::write(&p, r#"{"sentence": "The trophy did not fit in the suitcase because _ was too big.", "option1": "the trophy", "option2": "the suitcase", "answer": "1"}"#).unwrap();
+    let t = load_task("winogrande", &p).unwrap();
+    assert_eq!(t.docs[0].gold, 0);
+    assert_eq!(
+        t.docs[0].choices[0].context,
+        "The trophy did not fit in the suitcase because the trophy"
+    );
+    assert_eq!(t.docs[0].choices[1].continuation, " was too big.");
+    // The option fills the blank; only the shared suffix is scored.
+    let ll = HashMap::from([
+        (
+            (
+                "The trophy did not fit in the suitcase because the trophy".into(),
+                " was too big.".into(),
+            ),
+            (-5.0, false),
+        ),
+        (
+            (
+                "The trophy did not fit in the suitcase because the suitcase".into(),
+                " was too big.".into(),
+            ),
+            (-7.0, false),
+        ),
+    ]);
+    let r = evaluate(&t, &tok(), &Hand { tok: tok(), ll }, None).unwrap();
+    assert_eq!(r.metrics["acc"].value, 1.0);
+    assert!(!r.metrics.contains_key("acc_norm"));
+}
+
+#[test]
+fn lambada_accuracy_is_greedy_match_and_perplexity_is_exp_of_mean_nll() {
+    let task = Task {
+        name: "lambada".into(),
+        docs: vec![
+            doc("It was a dark and stormy", &[" night"], 0),
+            doc("She opened the", &[" door"], 0),
+        ],
+    };
+    let ll = HashMap::from([
+        (
+            ("It was a dark and stormy".into(), " night".into()),
+            (-1.0, true),
+        ),
+        (("She opened the".into(), " door".into()), (-3.0, false)),
+    ]);
+    let r = evaluate(&task, &tok(), &Hand { tok: tok(), ll }, None).unwrap();
+    assert_eq!(r.metrics["acc"].value, 0.5);
+    assert!((r.metrics["perplexity"].value - 2f64.exp()).abs() < 1e-9);
+    assert!(r.metrics["perplexity"].stderr > 0.0);
+}
+
+#[test]
+fn request_files_group_by_document_and_skip_unconditional_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("piqa.jsonl");
+    let line = |doc: u64, idx: u64, ctx: &str, cont: &str, label: u64| {
+        serde_json::json!({"request_type": "loglikelihood", "doc_id": doc, "idx": idx, "label": label, "request": {"context": ctx, "continuation": cont}}).to_string()
+    };
+    let text = [
+        line(0, 1, "Goal: a\nAnswer:", " second", 1),
+        line(0, 0, "Goal: a\nAnswer:", " first", 1),
+        line(1_000_000, 0, "Answer:", " first", 1),
+        line(1, 0, "Goal: b\nAnswer:", " x", 0),
+        line(1, 1, "Goal: b\nAnswer:", " y", 0),
+    ]
+    .join("\n");
+    std::fs::write(&p, text).unwrap();
+    let t = load_task("piqa", &p).unwrap();
+    assert_eq!(t.docs.len(), 2);
+    assert_eq!(t.docs[0].choices[0].continuation, " first");
+    assert_eq!(t.docs[0].gold, 1);
+    assert!(load_task("bogus", &p).is_err());
+    std::fs::write(&p, "{\"doc_id\": 0}\n").unwrap();
+    assert!(load_task("piqa", &p)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("piqa.jsonl"));
+}
+
+#[test]
+fn harness_tokenization_moves_trailing_spaces_and_uses_eot_for_empty_contexts() {
+    let t = tok();
+    let (c, k) = encode_pair(&t, "Hello ", "world").unwrap();
+    assert_eq!((c, k), (vec![15496], vec![995]));
+    let (c, k) = encode_pair(&t, "", "Hello").unwrap();
+    assert_eq!((c, k), (vec![50256], vec![15496]));
+}
+
+#[test]
+fn truncation_and_batching_do_not_change_scores() {
+    let cfg = Gpt2Config::new(50257, 16, 8, 1, 2).with_dropout(0.0);
+    let m = AnyModel::Gpt2(Gpt2::new(&cfg, &mut Params::random(3, &Device::Cpu, false)).unwrap());
+    let s = ModelScorer {
+        model: &m,
+        max_len: 16,
+    };
+    let t = tok();
+    // Longer than the 16-token window, so every request is left-truncated.
+    let long_ctx: String =
+        "one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+            .repeat(3);
+    let group: Vec<(Vec<u32>, Vec<u32>)> = ["fifteen", "sixteen and more", "x"]
+        .iter()
+        .map(|c| encode_pair(&t, &long_ctx, c).unwrap())
+        .collect();
+    let together = s.score(&group).unwrap();
+    for (i, g) in group.iter().enumerate() {
+        let alone = s.score(std::slice::from_ref(g)).unwrap()[0];
+        assert!(
+            (alone.0 - together[i].0).abs() < 1e-4,
+            "batching changed choice {i}: {alone:?} vs {:?}",
+            together[i]
+        );
+        // Manual left truncation: the last 16 + 1 tokens, input = all but the last.
+        let whole: Vec<u32> = g.0.iter().chain(&g.1).copied().collect();
+        let tail = &whole[whole.len() - 17..];
+        let x = Tensor::new(&tail[..16], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits: Vec<Vec<f32>> = m.logits(&x).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let k = g.1.len();
+        let mut ll = 0f64;
+        for p in 16 - k..16 {
+            let row = &logits[p];
+            let mx = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let lse = mx + row.iter().map(|&z| (z as f64 - mx).exp()).sum::<f64>().ln();
+            ll += row[tail[p + 1] as usize] as f64 - lse;
+        }
+        assert!(
+            (ll - together[i].0).abs() < 1e-3,
+            "truncated score {ll} vs {:?}",
+            together[i]
+        );
+    }
+}
