@@ -40,6 +40,8 @@ enum What {
     Attribution,
     /// One optimizer step per objective, and the CoCoMix/NTP time and FLOP ratios.
     Train,
+    /// HellaSwag requests/s (4 alternatives per document) with a GPT-2 124M-shaped model.
+    Eval,
 }
 
 /// Peak resident set size of this process in MiB (Linux; 0 elsewhere).
@@ -66,6 +68,7 @@ fn cases(what: What, small: bool) -> Vec<&'static str> {
             "train-69m-cocomix-cached",
             "train-69m-cocomix-online",
         ],
+        What::Eval => &[],
     };
     let base: &[&str] = match what {
         What::Data => &["data"],
@@ -78,6 +81,7 @@ fn cases(what: What, small: bool) -> Vec<&'static str> {
             "train-default-cocomix-cached",
             "train-default-cocomix-online",
         ],
+        What::Eval => &["eval-hellaswag-124m"],
     };
     base.iter()
         .chain(if small { &[][..] } else { big })
@@ -134,6 +138,7 @@ fn what_name(w: What) -> &'static str {
         What::Sae => "sae",
         What::Attribution => "attribution",
         What::Train => "train",
+        What::Eval => "eval",
     }
 }
 
@@ -156,6 +161,7 @@ fn run_case(case: &str, args: &BenchArgs) -> Result<serde_json::Value> {
         "labels-online-124m" => labels_online(),
         "labels-cached-vs-online-124m" => labels_cached_vs_online(),
         c if c.starts_with("train-") => crate::bench_train::run(c),
+        "eval-hellaswag-124m" => eval_hellaswag(),
         other => anyhow::bail!("unknown bench case {other}"),
     }
 }
@@ -397,4 +403,45 @@ fn train_ratios(results: &[serde_json::Value]) -> serde_json::Value {
         }
     }
     out.into()
+}
+
+/// HellaSwag-shaped requests: ~40-token contexts, 4 endings of ~20 tokens.
+fn eval_hellaswag() -> Result<serde_json::Value> {
+    use cocomix_trainer::tasks::{evaluate, Choice, Doc, ModelScorer, Task};
+    let model = cocomix_model::AnyModel::Gpt2(teacher_124m()?);
+    let tok = cocomix_data::Tokenizer::gpt2()?;
+    let ctx = "A man is standing on a ladder next to a house. He is holding a paint roller and a bucket of paint. He";
+    let endings = [
+        " starts painting the wall with long even strokes from the top down.",
+        " drops the bucket and the paint spills all over the grass below him.",
+        " climbs down and walks away to get a cup of coffee from the kitchen.",
+        " waves at a neighbour who is walking a dog along the street outside.",
+    ];
+    let docs: Vec<Doc> = (0..8)
+        .map(|_| Doc {
+            choices: endings
+                .iter()
+                .map(|e| Choice {
+                    context: ctx.into(),
+                    continuation: e.to_string(),
+                })
+                .collect(),
+            gold: 0,
+        })
+        .collect();
+    let task = Task {
+        name: "hellaswag".into(),
+        docs,
+    };
+    let scorer = ModelScorer {
+        model: &model,
+        max_len: 1024,
+    };
+    evaluate(&task, &tok, &scorer, Some(1))?;
+    let t0 = Instant::now();
+    evaluate(&task, &tok, &scorer, None)?;
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(
+        serde_json::json!({ "case": "eval-hellaswag-124m", "documents": 8, "requests": 32, "requests_per_s": 32.0 / secs }),
+    )
 }

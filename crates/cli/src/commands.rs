@@ -92,11 +92,22 @@ pub enum EvalCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Compare finished runs (folders with report.json) in one table.
+    /// Compare finished runs in the layout of the paper's Table 1: validation PPL (from the
+    /// run), LAMBADA and WikiText PPL, HellaSwag, PIQA, SIQA, ARC-E, WinoGrande, averages.
+    /// Tasks whose data is absent show as "-".
     Runs {
         /// Run folders: a main-job folder (runs/NAME) or one student's folder.
         #[arg(required = true)]
         runs: Vec<PathBuf>,
+        /// Folder with task data (scripts/fetch-eval-data.sh).
+        #[arg(long, default_value = "data/eval")]
+        tasks_dir: PathBuf,
+        /// Text file for the WikiText column (word perplexity).
+        #[arg(long)]
+        wikitext: Option<PathBuf>,
+        /// At most this many documents per task.
+        #[arg(long)]
+        limit: Option<usize>,
         #[arg(long)]
         json: bool,
     },
@@ -175,7 +186,13 @@ pub fn eval(cmd: EvalCommand) -> Result<()> {
                 }
             }
         }
-        EvalCommand::Runs { runs, json } => {
+        EvalCommand::Runs {
+            runs,
+            tasks_dir,
+            wikitext,
+            limit,
+            json,
+        } => {
             let mut rows: Vec<(String, cocomix_trainer::TrainOutcome)> = Vec::new();
             for dir in &runs {
                 let p = dir.join("report.json");
@@ -191,21 +208,88 @@ pub fn eval(cmd: EvalCommand) -> Result<()> {
                     rows.push((dir.display().to_string(), o));
                 }
             }
-            if json {
-                let v: Vec<_> = rows.iter().map(|(d, o)| serde_json::json!({"run": d, "objective": o.objective, "val_loss": o.val_loss, "val_ppl": o.val_ppl, "tokens": o.tokens, "params": o.params, "tokens_per_s": o.tokens_per_s})).collect();
-                println!("{}", serde_json::to_string(&v)?);
-            } else {
-                println!("| run | objective | params | tokens | val loss | val PPL | train tokens/s |\n|---|---|---|---|---|---|---|");
-                for (d, o) in rows {
-                    println!(
-                        "| {d} | {} | {} | {} | {:.4} | {:.2} | {:.0} |",
-                        o.objective, o.params, o.tokens, o.val_loss, o.val_ppl, o.tokens_per_s
-                    );
+            let dev = default_device()?;
+            let mut table = Vec::new();
+            for (dir, o) in &rows {
+                let spec = o.final_dir.to_string_lossy().to_string();
+                let m = AnyModel::load(&spec, &dev)
+                    .with_context(|| format!("loading the final model of {dir}"))?;
+                let tok = model_tokenizer(&spec)?;
+                let scorer = cocomix_trainer::tasks::ModelScorer {
+                    model: &m,
+                    max_len: m.context(),
+                };
+                let mut row = serde_json::json!({ "run": dir, "objective": o.objective, "params": o.params, "val_ppl": o.val_ppl });
+                for task in cocomix_trainer::tasks::TASKS {
+                    if let Some(file) = cocomix_trainer::tasks::find_task_file(&tasks_dir, task) {
+                        let r = cocomix_trainer::tasks::evaluate(
+                            &cocomix_trainer::tasks::load_task(task, &file)?,
+                            &tok,
+                            &scorer,
+                            limit,
+                        )?;
+                        let (metric, scale) = match task {
+                            "lambada" => ("perplexity", 1.0),
+                            "hellaswag" => ("acc_norm", 100.0),
+                            _ => ("acc", 100.0),
+                        };
+                        row[task] = (r.metrics[metric].value * scale).into();
+                    }
                 }
+                if let Some(w) = &wikitext {
+                    let raw = read_text(w)?;
+                    let r =
+                        cocomix_trainer::eval::perplexity(&m, &tok.encode(&raw)?, m.context(), 4)?;
+                    row["wikitext"] = ((r.nll * r.tokens as f64)
+                        / raw.split_whitespace().count().max(1) as f64)
+                        .exp()
+                        .into();
+                }
+                table.push(row);
+            }
+            if json {
+                println!("{}", serde_json::to_string(&table)?);
+            } else {
+                print_table1(&table);
             }
         }
     }
     Ok(())
+}
+
+/// The comparison table in the layout of the paper's Table 1.
+fn print_table1(rows: &[serde_json::Value]) {
+    let cell = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
+    let mean = |vals: Vec<Option<f64>>| {
+        let v: Vec<f64> = vals.into_iter().flatten().collect();
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.1}", v.iter().sum::<f64>() / v.len() as f64)
+        }
+    };
+    println!("| run | method | params | val PPL | LAMB PPL | Wiki PPL | HellaS | PIQA | SIQA | ARC-E | WinoG | Avg PPL | Avg Acc |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let ppls = ["val_ppl", "lambada", "wikitext"].map(|k| r[k].as_f64());
+        let accs = ["hellaswag", "piqa", "siqa", "arc_easy", "winogrande"].map(|k| r[k].as_f64());
+        println!(
+            "| {} | {} | {:.2}M | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r["run"].as_str().unwrap_or_default(),
+            r["objective"].as_str().unwrap_or_default(),
+            r["params"].as_f64().unwrap_or(0.0) / 1e6,
+            cell(&r["val_ppl"]),
+            cell(&r["lambada"]),
+            cell(&r["wikitext"]),
+            cell(&r["hellaswag"]),
+            cell(&r["piqa"]),
+            cell(&r["siqa"]),
+            cell(&r["arc_easy"]),
+            cell(&r["winogrande"]),
+            mean(ppls.to_vec()),
+            mean(accs.to_vec()),
+        );
+    }
 }
 
 #[derive(clap::Args)]

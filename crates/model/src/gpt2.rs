@@ -180,6 +180,22 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Tensor,
     frozen: bool,
+    compute: DType,
+}
+
+/// `x @ w` in `compute` precision (f32 result), with the frozen variant when asked.
+fn matmul_in(x: &Tensor, w: &Tensor, compute: DType, frozen: bool) -> candle_core::Result<Tensor> {
+    let (x, w) = if compute == w.dtype() {
+        (x.clone(), w.clone())
+    } else {
+        (x.to_dtype(compute)?, w.to_dtype(compute)?)
+    };
+    let y = if frozen {
+        frozen_matmul(&x, &w)?
+    } else {
+        x.matmul(&w)?
+    };
+    y.to_dtype(DType::F32)
 }
 
 impl Linear {
@@ -188,6 +204,7 @@ impl Linear {
             weight: p.get(&format!("{name}.weight"), &[d_in, d_out], Init::Normal(std))?,
             bias: p.get(&format!("{name}.bias"), &[d_out], Init::Zeros)?,
             frozen: !p.trainable(),
+            compute: DType::F32,
         })
     }
 }
@@ -197,11 +214,7 @@ impl Module for Linear {
         let dims = x.dims().to_vec();
         let (d_in, d_out) = self.weight.dims2()?;
         let x2 = x.reshape(((), d_in))?; // [N, in]
-        let y = if self.frozen {
-            frozen_matmul(&x2, &self.weight)?
-        } else {
-            x2.matmul(&self.weight)?
-        };
+        let y = matmul_in(&x2, &self.weight, self.compute, self.frozen)?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank ≥ 1") = d_out;
         y.broadcast_add(&self.bias)?.reshape(out_dims)
@@ -379,6 +392,8 @@ pub struct Gpt2 {
     pub wpe: Tensor,
     pub blocks: Vec<Block>,
     pub ln_f: LayerNorm,
+    /// The dtype the matmuls run in (f32 unless built with autocast).
+    pub compute_dtype: DType,
 }
 
 impl Gpt2 {
@@ -398,7 +413,25 @@ impl Gpt2 {
             wpe,
             blocks,
             ln_f,
+            compute_dtype: DType::F32,
         })
+    }
+
+    /// Autocast: every matmul of the blocks and the head runs in `dtype` (bf16 or f16) on
+    /// casts of the f32 weights, with f32 results; norms, softmax and losses stay f32, and
+    /// gradients reach the f32 weights through the casts.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute_dtype = dtype;
+        for b in &mut self.blocks {
+            for l in [
+                &mut b.attn.c_attn,
+                &mut b.attn.c_proj,
+                &mut b.mlp.c_fc,
+                &mut b.mlp.c_proj,
+            ] {
+                l.compute = dtype;
+            }
+        }
     }
 
     /// Loads a frozen GPT-2 from a folder (`config.json` + `model.safetensors`) or a hub id.
@@ -438,12 +471,7 @@ impl Gpt2 {
         let (b, s, d) = h.dims3()?;
         let h2 = h.reshape((b * s, d))?;
         let w = self.wte.t()?; // [d, V]
-        let frozen = !self.wte.is_variable();
-        let logits = if frozen {
-            frozen_matmul(&h2, &w)?
-        } else {
-            h2.matmul(&w)?
-        };
+        let logits = matmul_in(&h2, &w, self.compute_dtype, !self.wte.is_variable())?;
         Ok(logits.reshape((b, s, self.cfg.vocab_size))?)
     }
 

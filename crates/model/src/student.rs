@@ -103,6 +103,8 @@ pub struct ConceptPath {
     /// `compress_layer.weight [d, C]` (Linear layout) and `.bias [d]`
     pub compress_w: Tensor,
     pub compress_b: Tensor,
+    /// The dtype the concept predictor's matmul runs in.
+    pub compute_dtype: DType,
 }
 
 /// What the student's forward returns.
@@ -143,6 +145,7 @@ impl Student {
                     Init::Normal(0.02),
                 )?,
                 compress_b: p.get("compress_layer.bias", &[d], Init::Zeros)?,
+                compute_dtype: DType::F32,
             }),
         };
         Ok(Self {
@@ -190,6 +193,15 @@ impl Student {
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
         save_safetensors(&tensors, &dir.join("model.safetensors"), &[])
+    }
+
+    /// Autocast the matmuls (backbone, head and concept predictor) to `dtype`; see
+    /// [`Gpt2::set_compute_dtype`]. Weights and optimizer state stay f32.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.gpt.set_compute_dtype(dtype);
+        if let Some(c) = &mut self.concept {
+            c.compute_dtype = dtype;
+        }
     }
 
     /// The trainable variables by checkpoint name.
@@ -281,8 +293,11 @@ impl ConceptPath {
         let (n, c_dim, k) = (b * t, self.cfg.concept_dim, self.cfg.concept_num);
         let (x, mu, std) = unbiased_layer_norm(h, CONCEPT_LN_EPS)?; // [B,T,d], [B,T,1], [B,T,1]
         let u = x.broadcast_sub(&self.pre_bias)?.reshape((n, d))?;
+        let compute = self.compute_dtype;
         let z = u
-            .matmul(&self.predictor_w.t()?)?
+            .to_dtype(compute)?
+            .matmul(&self.predictor_w.t()?.to_dtype(compute)?)?
+            .to_dtype(DType::F32)?
             .broadcast_add(&self.predictor_b)?; // [N, C]
         let z_used = if steer.is_empty() {
             z.clone()

@@ -377,14 +377,17 @@ fn bad_weights_name_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let s = Student::new(&student_cfg(false), 9, &DEV).unwrap();
     s.save(dir.path()).unwrap();
-    let mut st =
-        candle_core::safetensors::load(dir.path().join("model.safetensors"), &DEV).unwrap();
+    let file = dir.path().join("model.safetensors");
+    let mut st = candle_core::safetensors::load(&file, &DEV).unwrap();
+    // Saves the edited tensors, loads, and returns the error (or "" when it loads).
+    let load_with = |st: &std::collections::HashMap<String, Tensor>| {
+        candle_core::safetensors::save(st, &file).unwrap();
+        Gpt2::load(dir.path().to_str().unwrap(), &DEV)
+            .err()
+            .map_or(String::new(), |e| e.to_string())
+    };
     st.remove("h.1.ln_2.bias");
-    candle_core::safetensors::save(&st, dir.path().join("model.safetensors")).unwrap();
-    let e = Gpt2::load(dir.path().to_str().unwrap(), &DEV)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = load_with(&st);
     assert!(
         e.contains("h.1.ln_2.bias") && e.contains("missing") && e.contains("model.safetensors"),
         "{e}"
@@ -393,11 +396,7 @@ fn bad_weights_name_the_tensor() {
         "h.1.ln_2.bias".into(),
         Tensor::zeros(17, DType::F32, &DEV).unwrap(),
     );
-    candle_core::safetensors::save(&st, dir.path().join("model.safetensors")).unwrap();
-    let e = Gpt2::load(dir.path().to_str().unwrap(), &DEV)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = load_with(&st);
     assert!(
         e.contains("h.1.ln_2.bias") && e.contains("[17]") && e.contains("[16]"),
         "{e}"
@@ -406,19 +405,14 @@ fn bad_weights_name_the_tensor() {
         "h.1.ln_2.bias".into(),
         Tensor::zeros(16, DType::I64, &DEV).unwrap(),
     );
-    candle_core::safetensors::save(&st, dir.path().join("model.safetensors")).unwrap();
-    let e = Gpt2::load(dir.path().to_str().unwrap(), &DEV)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = load_with(&st);
     assert!(e.contains("h.1.ln_2.bias") && e.contains("dtype"), "{e}");
     // bf16 / f16 weights are accepted.
     st.insert(
         "h.1.ln_2.bias".into(),
         Tensor::zeros(16, DType::BF16, &DEV).unwrap(),
     );
-    candle_core::safetensors::save(&st, dir.path().join("model.safetensors")).unwrap();
-    Gpt2::load(dir.path().to_str().unwrap(), &DEV).unwrap();
+    assert_eq!(load_with(&st), "");
     std::fs::write(dir.path().join("config.json"), r#"{"n_layer": 2}"#).unwrap();
     let e = Gpt2::load(dir.path().to_str().unwrap(), &DEV)
         .err()
@@ -582,4 +576,31 @@ fn losses_match_their_formulas() {
     ];
     let kl2: f64 = (0..2).map(|i| p2[i] * (p2[i] / p2[1 - i]).ln()).sum();
     assert!((scalar(&kd_kl(&s, &t, 2.0).unwrap()) as f64 - kl2).abs() < 1e-6);
+}
+
+#[test]
+fn bf16_autocast_stays_close_to_f32_and_reaches_every_weight() {
+    let ids = Tensor::new(&[[1u32, 5, 7, 3, 9, 2]], &DEV).unwrap();
+    let mut s = Student::new(&student_cfg(true), 3, &DEV).unwrap();
+    let f32_out = s.forward(&ids, &mut Ctx::eval()).unwrap();
+    s.set_compute_dtype(DType::BF16);
+    let bf = s.forward(&ids, &mut Ctx::eval()).unwrap();
+    assert_eq!(bf.logits.dtype(), DType::F32);
+    assert_close(&bf.logits, &f32_out.logits, 5e-2, 5e-2, "bf16 logits");
+    let labels = Tensor::new(
+        &[[[1u32, 2], [3, 4], [5, 6], [7, 8], [9, 10], [11, 12]]],
+        &DEV,
+    )
+    .unwrap();
+    let loss = (next_token_loss(&bf.logits, &ids).unwrap()
+        + concept_loss(bf.concept_logits.as_ref().unwrap(), &labels).unwrap())
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in s.vars() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient under bf16"));
+        assert_eq!(g.dtype(), DType::F32, "{name}");
+        assert!(scalar(&g.abs().unwrap().sum_all().unwrap()) > 0.0, "{name}");
+    }
 }

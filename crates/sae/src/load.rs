@@ -234,38 +234,14 @@ pub(crate) fn save_safetensors(
     path: &Path,
     extra_meta: &[(&str, String)],
 ) -> Result<()> {
-    use safetensors::tensor::{Dtype, TensorView};
-    let mut meta: HashMap<String, String> = extra_meta
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect();
-    meta.insert("k".into(), sae.k.to_string());
-    meta.insert("activation".into(), "TopK".into());
-    meta.insert("format".into(), "pt".into());
+    let mut meta = extra_meta.to_vec();
+    meta.push(("k", sae.k.to_string()));
+    meta.push(("activation", "TopK".into()));
     let tensors = [&sae.pre_bias, &sae.encoder, &sae.latent_bias, &sae.decoder];
-    let bufs: Vec<(Vec<usize>, Vec<u8>)> = tensors
+    let named: Vec<(String, Tensor)> = TENSORS
         .iter()
-        .map(|t| {
-            let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            Ok((
-                t.dims().to_vec(),
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            ))
-        })
+        .zip(tensors)
+        .map(|(n, t)| Ok((n.to_string(), t.to_dtype(DType::F32)?)))
         .collect::<Result<_>>()?;
-    let views = TENSORS
-        .iter()
-        .zip(&bufs)
-        .map(|(n, (s, b))| {
-            Ok((
-                n.to_string(),
-                TensorView::new(Dtype::F32, s.clone(), b)
-                    .map_err(|e| Error::Other(e.to_string()))?,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, Some(meta), &tmp)
-        .map_err(|e| Error::file(&tmp, e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e.to_string()))
+    cocomix_ops::save_safetensors(&named, &meta, path).map_err(|e| Error::file(path, e.to_string()))
 }

@@ -141,6 +141,28 @@ pub struct OptimSection {
     pub eps: f64,
     /// Global gradient-norm clip.
     pub clip: f64,
+    /// Matmul precision: `f32`, or `bf16` / `f16` autocast (f32 master weights, optimizer
+    /// state and losses).
+    #[serde(default = "default_precision")]
+    pub precision: String,
+}
+
+fn default_precision() -> String {
+    "f32".into()
+}
+
+impl OptimSection {
+    /// The matmul dtype of `precision`.
+    pub fn compute_dtype(&self) -> Result<candle_core::DType> {
+        match self.precision.as_str() {
+            "f32" => Ok(candle_core::DType::F32),
+            "bf16" => Ok(candle_core::DType::BF16),
+            "f16" => Ok(candle_core::DType::F16),
+            p => Err(Error::Config(format!(
+                "optim.precision {p:?}: expected f32, bf16 or f16"
+            ))),
+        }
+    }
 }
 
 /// `[kd]`
@@ -300,6 +322,7 @@ impl RunConfig {
                 o.lr, o.min_lr
             ));
         }
+        o.compute_dtype()?;
         if o.steps == 0 || o.warmup > o.steps {
             return bad(format!(
                 "optim.steps {} must be positive and ≥ optim.warmup {}",

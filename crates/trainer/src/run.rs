@@ -403,6 +403,8 @@ pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
             (student, opt, 0, 0, 0.0, 0.0, None)
         }
     };
+    let mut student = student;
+    student.set_compute_dtype(o.compute_dtype()?);
     let params: usize = student.vars().iter().map(|(_, v)| v.elem_count()).sum();
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)

@@ -406,6 +406,7 @@ fn bad_configs_are_errors_before_any_work() {
     assert!(e(&["concept.labels=\"sometimes\""]).contains("labels"));
     assert!(e(&["teacher.layer=9"]).contains("teacher.layer"));
     assert!(e(&["optim.lr"]).contains("section.key=value"));
+    assert!(e(&["optim.precision=\"fp8\""]).contains("precision"));
     // Overrides of every type parse.
     let c = cfg(&[
         "optim.lr=3e-4",
