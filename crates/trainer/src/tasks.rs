@@ -98,6 +98,8 @@ impl Scorer for ModelScorer<'_> {
         let logp = log_softmax_last(&self.model.logits(&x)?)?; // [G, W, V]
         let mut out = Vec::with_capacity(rows.len());
         for (r, (inp, tgt, k)) in rows.iter().enumerate() {
+            // A continuation longer than the window is scored on the tokens the window holds.
+            let k = &(*k).min(inp.len());
             let row = logp.get(r)?.narrow(0, inp.len() - k, *k)?; // [k, V]
             let targets = Tensor::from_vec(tgt[tgt.len() - k..].to_vec(), (*k, 1), row.device())?;
             let picked: Vec<f32> = row.gather(&targets, 1)?.flatten_all()?.to_vec1()?;

@@ -226,3 +226,61 @@ fn truncation_and_batching_do_not_change_scores() {
         );
     }
 }
+
+#[test]
+fn hugging_face_exports_become_harness_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |task: &str, row: serde_json::Value| {
+        let p = dir.path().join(format!("{task}.jsonl"));
+        std::fs::write(&p, row.to_string()).unwrap();
+        load_task(task, &p).unwrap().docs.remove(0)
+    };
+    let d = load(
+        "lambada",
+        serde_json::json!({"text": "he opened the door and saw his friend"}),
+    );
+    assert_eq!(
+        (
+            d.choices[0].context.as_str(),
+            d.choices[0].continuation.as_str()
+        ),
+        ("he opened the door and saw his", " friend")
+    );
+    let d = load(
+        "hellaswag",
+        serde_json::json!({"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he", "endings": ["is a.", "starts b."], "label": "1"}),
+    );
+    assert_eq!(
+        d.choices[1].context,
+        "Roof shingle removal: A man is sitting on a roof. He"
+    );
+    assert_eq!(
+        (d.choices[1].continuation.as_str(), d.gold),
+        (" starts b.", 1)
+    );
+    let d = load(
+        "piqa",
+        serde_json::json!({"goal": "Open a jar", "sol1": "twist", "sol2": "push", "label": 0}),
+    );
+    assert_eq!(
+        (
+            d.choices[0].context.as_str(),
+            d.choices[1].continuation.as_str(),
+            d.gold
+        ),
+        ("Question: Open a jar\nAnswer:", " push", 0)
+    );
+    let d = load(
+        "siqa",
+        serde_json::json!({"context": "Tracy won.", "question": "How does Tracy feel?", "answerA": "sad", "answerB": "happy", "answerC": "bored", "label": "2"}),
+    );
+    assert_eq!(
+        (d.choices[0].context.as_str(), d.choices.len(), d.gold),
+        ("Question: Tracy won. How does Tracy feel?\nAnswer:", 3, 1)
+    );
+    let d = load(
+        "arc_easy",
+        serde_json::json!({"question": "What is hot?", "choices": {"text": ["ice", "fire"], "label": ["A", "B"]}, "answerKey": "B"}),
+    );
+    assert_eq!((d.choices[1].continuation.as_str(), d.gold), (" fire", 1));
+}
