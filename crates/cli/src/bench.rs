@@ -23,6 +23,12 @@ pub struct BenchArgs {
     /// Skip the large (paper-sized) cases.
     #[arg(long)]
     small: bool,
+    /// Sequences per step of the 69M `train` cases (default 1).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Matmul precision of the `train` cases: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    precision: String,
     /// Run one case in this process (used internally).
     #[arg(long, hide = true)]
     case: Option<String>,
@@ -101,8 +107,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for case in cases(args.what, args.small) {
         eprintln!("bench: {case} …");
         let out = std::process::Command::new(&exe)
-            .args(["bench", what_name(args.what), "--case", case, "--corpus"])
+            .args([
+                "bench",
+                what_name(args.what),
+                "--case",
+                case,
+                "--precision",
+                &args.precision,
+                "--corpus",
+            ])
             .arg(&args.corpus)
+            .args(
+                args.batch
+                    .map(|b| vec!["--batch".to_string(), b.to_string()])
+                    .unwrap_or_default(),
+            )
             .output()
             .with_context(|| format!("running bench case {case}"))?;
         if !out.status.success() {
@@ -117,7 +136,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .with_context(|| format!("case {case} printed {line:?}"))?,
         );
     }
-    let mut report = serde_json::json!({ "bench": what_name(args.what), "threads": threads(), "results": results });
+    let mut report = serde_json::json!({ "bench": what_name(args.what), "device": format!("{:?}", dev()?), "threads": threads(), "results": results });
     if matches!(args.what, What::Train) {
         report["ratios"] = train_ratios(&results);
     }
@@ -160,7 +179,7 @@ fn run_case(case: &str, args: &BenchArgs) -> Result<serde_json::Value> {
         "sae-train-768x32768" => sae_train(),
         "labels-online-124m" => labels_online(),
         "labels-cached-vs-online-124m" => labels_cached_vs_online(),
-        c if c.starts_with("train-") => crate::bench_train::run(c),
+        c if c.starts_with("train-") => crate::bench_train::run(c, args.batch, &args.precision),
         "eval-hellaswag-124m" => eval_hellaswag(),
         other => anyhow::bail!("unknown bench case {other}"),
     }
@@ -193,16 +212,21 @@ pub fn paper_69m(cocomix: bool) -> StudentConfig {
     }
 }
 
+/// The device of this build (CUDA / Metal with those features, else the CPU).
+pub fn dev() -> Result<Device> {
+    Ok(cocomix_trainer::default_device()?)
+}
+
 fn random_ids(b: usize, t: usize, vocab: usize) -> Result<Tensor> {
     let ids: Vec<u32> = (0..b * t)
         .map(|i| ((i as u64 * 2_654_435_761) % vocab as u64) as u32)
         .collect();
-    Ok(Tensor::from_vec(ids, (b, t), &Device::Cpu)?)
+    Ok(Tensor::from_vec(ids, (b, t), &dev()?)?)
 }
 
 /// Forward + backward of the student's loss (NTP, plus the concept loss for CoCoMix).
 fn student_step(case: &str, cfg: StudentConfig, batch: usize) -> Result<serde_json::Value> {
-    let s = Student::new(&cfg, 0, &Device::Cpu)?;
+    let s = Student::new(&cfg, 0, &dev()?)?;
     let t = cfg.gpt2.n_positions;
     let ids = random_ids(batch, t + 1, cfg.gpt2.vocab_size)?;
     let (x, y) = (ids.narrow(1, 0, t)?, ids.narrow(1, 1, t)?.flatten_all()?);
@@ -233,11 +257,14 @@ fn student_step(case: &str, cfg: StudentConfig, batch: usize) -> Result<serde_js
 }
 
 /// Repeats `f` for about 3 s (at least twice, at most 20 times); returns (runs, seconds).
+/// Waits for the device after each run (GPU ops return before they finish).
 fn timed(mut f: impl FnMut(u64) -> Result<()>) -> Result<(usize, f64)> {
+    let device = dev()?;
     let t0 = Instant::now();
     let mut n = 0;
     while n < 2 || (t0.elapsed().as_secs_f64() < 3.0 && n < 20) {
         f(n as u64 + 1)?;
+        device.synchronize()?;
         n += 1;
     }
     Ok((n, t0.elapsed().as_secs_f64()))
@@ -245,7 +272,7 @@ fn timed(mut f: impl FnMut(u64) -> Result<()>) -> Result<(usize, f64)> {
 
 fn residual_grad_124m() -> Result<serde_json::Value> {
     let cfg = Gpt2Config::gpt2_small().with_dropout(0.0);
-    let g = Gpt2::new(&cfg, &mut Params::random(0, &Device::Cpu, false))?;
+    let g = Gpt2::new(&cfg, &mut Params::random(0, &dev()?, false))?;
     let ids = random_ids(1, 1024, cfg.vocab_size)?;
     g.residual_grad(&ids, 5)?;
     let (n, secs) = timed(|_| g.residual_grad(&ids, 5).map(|_| ()).map_err(Into::into))?;
@@ -282,7 +309,7 @@ fn data(corpus: &std::path::Path) -> Result<serde_json::Value> {
 }
 
 fn random_sae(d: usize, c: usize, k: usize) -> Result<cocomix_sae::Sae> {
-    let dev = Device::Cpu;
+    let dev = dev()?;
     Ok(cocomix_sae::Sae::new(
         Tensor::zeros(d, candle_core::DType::F32, &dev)?,
         (Tensor::randn(0f32, 1.0, (c, d), &dev)? / (d as f64).sqrt())?,
@@ -295,7 +322,7 @@ fn random_sae(d: usize, c: usize, k: usize) -> Result<cocomix_sae::Sae> {
 
 fn sae_encode() -> Result<serde_json::Value> {
     let sae = random_sae(768, 32768, 32)?;
-    let x = Tensor::randn(0f32, 1.0, (1024, 768), &Device::Cpu)?;
+    let x = Tensor::randn(0f32, 1.0, (1024, 768), &dev()?)?;
     sae.encode(&x)?;
     let (n, secs) = timed(|_| sae.encode(&x).map(|_| ()).map_err(Into::into))?;
     Ok(
@@ -304,7 +331,7 @@ fn sae_encode() -> Result<serde_json::Value> {
 }
 
 fn sae_train() -> Result<serde_json::Value> {
-    let x = Tensor::randn(0f32, 1.0, (1024, 768), &Device::Cpu)?;
+    let x = Tensor::randn(0f32, 1.0, (1024, 768), &dev()?)?;
     let mut tr =
         cocomix_sae::SaeTrainer::new(cocomix_sae::SaeTrainConfig::new(768, 32768, 32), &x)?;
     tr.step(&x)?;
@@ -317,7 +344,7 @@ fn sae_train() -> Result<serde_json::Value> {
 fn teacher_124m() -> Result<Gpt2> {
     Ok(Gpt2::new(
         &Gpt2Config::gpt2_small().with_dropout(0.0),
-        &mut Params::random(0, &Device::Cpu, false),
+        &mut Params::random(0, &dev()?, false),
     )?)
 }
 

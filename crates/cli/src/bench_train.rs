@@ -28,7 +28,7 @@ pub fn train_flops_per_token(cfg: &StudentConfig) -> f64 {
     3.0 * fwd
 }
 
-pub fn run(case: &str) -> Result<serde_json::Value> {
+pub fn run(case: &str, batch_69m: Option<usize>, precision: &str) -> Result<serde_json::Value> {
     let rest = case.strip_prefix("train-").expect("train case");
     let (size, objective) = rest
         .split_once('-')
@@ -43,7 +43,11 @@ pub fn run(case: &str) -> Result<serde_json::Value> {
         "default" => cocomix_model::Gpt2Config::new(2048, 128, 128, 4, 4),
         _ => cocomix_model::Gpt2Config::gpt2_small(),
     };
-    let batch = if size == "default" { 16 } else { 1 };
+    let batch = if size == "default" {
+        16
+    } else {
+        batch_69m.unwrap_or(1)
+    };
     let t = student.gpt2.n_positions;
     let dir = std::env::temp_dir().join(format!("cocomix-bench-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -62,7 +66,7 @@ pub fn run(case: &str) -> Result<serde_json::Value> {
         "val_fraction": 0.0, "seed": 0, "sources": [], "replaced_invalid_utf8": 0});
     std::fs::write(data_dir.join("meta.json"), meta.to_string())?;
     let data = cocomix_data::Dataset::open(&data_dir)?;
-    let dev = candle_core::Device::Cpu;
+    let dev = crate::bench::dev()?;
     let teacher = cocomix_model::Gpt2::new(
         &teacher_cfg.with_dropout(0.0),
         &mut cocomix_model::Params::random(1, &dev, false),
@@ -117,6 +121,8 @@ pub fn run(case: &str) -> Result<serde_json::Value> {
     let mut optim = c.optim.clone();
     optim.steps = steps;
     optim.warmup = 0;
+    optim.precision = precision.to_string();
+    optim.compute_dtype()?;
     let spec = cocomix_trainer::TrainSpec {
         objective: objective_kind,
         student: student.clone(),
@@ -151,7 +157,7 @@ pub fn run(case: &str) -> Result<serde_json::Value> {
     let tps = timed.len() as f64 / timed.iter().map(|x| 1.0 / x).sum::<f64>();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(serde_json::json!({
-        "case": case, "objective": objective, "size": size, "batch": batch, "seq_len": t,
+        "case": case, "objective": objective, "size": size, "batch": batch, "seq_len": t, "precision": precision,
         "tokens_per_s": tps, "step_s": (batch * t) as f64 / tps, "flops_per_token": train_flops_per_token(&student),
         "wall_s": wall, "peak_rss_mib": peak_rss_mib(),
     }))

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_train;
 mod commands;
+mod parity;
 
 /// Candle allocates a fresh buffer per op; by default glibc maps and unmaps every buffer
 /// over 128 KiB (page faults and TLB shootdowns across threads each time). Keeping buffers
@@ -50,6 +51,8 @@ enum Command {
     Labels(commands::LabelsCommand),
     /// Measure throughput; prints JSON with --json.
     Bench(bench::BenchArgs),
+    /// Compare the golden tiny batch on the CPU and on this build's device (CUDA/Metal).
+    Parity(parity::ParityArgs),
 }
 
 #[derive(clap::Args)]
@@ -144,6 +147,7 @@ fn main() {
         Command::Attribute(a) => commands::attribute(a),
         Command::Labels(c) => commands::labels(c),
         Command::Bench(a) => bench::run(a),
+        Command::Parity(a) => parity::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -379,3 +379,25 @@ fn bad_configs_fail_before_any_work() {
     );
     assert!(!dir.path().join("bad").exists(), "nothing was written");
 }
+
+#[test]
+fn parity_compares_every_golden_tensor() {
+    let out = run_ok(bin().args(["parity", "--json", "--golden"]).arg(golden()));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["failed"].as_array().unwrap().len(), 0, "{v}");
+    let names: Vec<&str> = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["tensor"].as_str().unwrap())
+        .collect();
+    for n in [
+        "teacher_resid_grad",
+        "labels",
+        "loss_total",
+        "grad.wte.weight",
+        "grad.concept_predictor.weight",
+    ] {
+        assert!(names.contains(&n), "{n} compared");
+    }
+}
