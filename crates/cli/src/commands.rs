@@ -60,8 +60,11 @@ pub enum EvalCommand {
         #[arg(long)]
         model: String,
         /// Text file to score.
+        #[arg(long, required_unless_present = "data", conflicts_with = "data")]
+        text: Option<PathBuf>,
+        /// Or a prepared data folder: its validation shard (val.bin) is scored.
         #[arg(long)]
-        text: PathBuf,
+        data: Option<PathBuf>,
         /// Window length (default: the model's context).
         #[arg(long)]
         seq_len: Option<usize>,
@@ -118,17 +121,30 @@ pub fn eval(cmd: EvalCommand) -> Result<()> {
         EvalCommand::Ppl {
             model,
             text,
+            data,
             seq_len,
             batch,
             json,
         } => {
             let m = AnyModel::load(&model, &default_device()?)?;
             let tok = model_tokenizer(&model)?;
-            let ids = tok.encode(&read_text(&text)?)?;
+            let (ids, raw, what) = match (&text, &data) {
+                (Some(t), _) => {
+                    let raw = read_text(t)?;
+                    (tok.encode(&raw)?, raw, t.display().to_string())
+                }
+                (None, Some(d)) => {
+                    let ds = cocomix_data::Dataset::open(d)?;
+                    ds.check_tokenizer(&tok)?;
+                    let ids = ds.val.window(0, ds.val.len());
+                    let raw = tok.decode(&ids)?;
+                    (ids, raw, ds.val.path().display().to_string())
+                }
+                (None, None) => bail!("pass --text FILE or --data DIR"),
+            };
             let r =
                 cocomix_trainer::eval::perplexity(&m, &ids, seq_len.unwrap_or(m.context()), batch)?;
-            // WikiText-style: total NLL over words and bytes of the text.
-            let raw = read_text(&text)?;
+            // WikiText-style: total NLL over the words and bytes of the text.
             let total = r.nll * r.tokens as f64;
             let words = raw.split_whitespace().count().max(1);
             let v = serde_json::json!({
@@ -140,13 +156,8 @@ pub fn eval(cmd: EvalCommand) -> Result<()> {
                 println!("{}", serde_json::to_string(&v)?);
             } else {
                 println!(
-                    "{}: {} predictions, nll {:.4}, ppl {:.3}, word ppl {:.3} (windows of {})",
-                    text.display(),
-                    r.tokens,
-                    r.nll,
-                    r.ppl,
-                    v["word_perplexity"],
-                    r.seq_len
+                    "{what}: {} predictions, nll {:.4}, ppl {:.3}, word ppl {:.3} (windows of {})",
+                    r.tokens, r.nll, r.ppl, v["word_perplexity"], r.seq_len
                 );
             }
         }
