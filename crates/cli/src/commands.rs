@@ -25,12 +25,6 @@ fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
-fn sha_file(path: &Path) -> Result<String> {
-    Ok(cocomix_data::sha256_hex(
-        &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-    ))
-}
-
 /// Token ids of a text file for a model of context `context` and vocabulary `vocab`
 /// (truncated to the context with a warning).
 fn text_ids(tok: &Tokenizer, path: &Path, context: usize, vocab: usize) -> Result<Vec<u32>> {
@@ -548,7 +542,7 @@ pub fn sae(cmd: SaeCommand) -> Result<()> {
             let weights = cocomix_model::gpt2::resolve_model_files(&teacher)?.1;
             let meta = [
                 ("teacher", teacher.clone()),
-                ("teacher_sha256", sha_file(&weights)?),
+                ("teacher_sha256", cocomix_data::file_sha256(&weights)?),
             ];
             cocomix_trainer::pipeline::train_sae(
                 &t,
@@ -703,8 +697,10 @@ pub fn labels(cmd: LabelsCommand) -> Result<()> {
     let sae_path = cocomix_sae_path(&sae)?;
     let spec = LabelCacheSpec {
         teacher: teacher.clone(),
-        teacher_sha256: sha_file(&cocomix_model::gpt2::resolve_model_files(&teacher)?.1)?,
-        sae_sha256: sha_file(&sae_path)?,
+        teacher_sha256: cocomix_data::file_sha256(
+            &cocomix_model::gpt2::resolve_model_files(&teacher)?.1,
+        )?,
+        sae_sha256: cocomix_data::file_sha256(&sae_path)?,
         layer,
         k_attr,
         window,

@@ -37,6 +37,13 @@ pub fn tmp_path(path: &std::path::Path) -> std::path::PathBuf {
     path.with_file_name(name)
 }
 
+/// Hex sha256 of a file's bytes (identities of corpora, weights and SAEs in metadata).
+pub fn file_sha256(path: &std::path::Path) -> Result<String> {
+    Ok(sha256_hex(
+        &std::fs::read(path).map_err(|e| Error::io(path, e))?,
+    ))
+}
+
 /// Hex sha256 of a byte slice (file identities in metadata).
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;

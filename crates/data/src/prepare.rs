@@ -288,7 +288,7 @@ pub fn prepare(opts: &PrepareOptions, tok: &Tokenizer) -> Result<DataMeta> {
     for f in &files {
         sources.push(SourceFile {
             path: f.display().to_string(),
-            sha256: crate::sha256_hex(&read_bytes(f)?),
+            sha256: crate::file_sha256(f)?,
         });
     }
     if let Some(meta) = read_meta(&opts.out_dir) {
@@ -421,7 +421,7 @@ pub fn prepare(opts: &PrepareOptions, tok: &Tokenizer) -> Result<DataMeta> {
 pub fn source_hashes(inputs: &[PathBuf]) -> Result<Vec<String>> {
     collect_files(inputs)?
         .iter()
-        .map(|f| Ok(crate::sha256_hex(&read_bytes(f)?)))
+        .map(|f| crate::file_sha256(f))
         .collect()
 }
 

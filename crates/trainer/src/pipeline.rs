@@ -36,12 +36,6 @@ fn check_same_config(run_dir: &Path, config_text: &str) -> Result<()> {
     }
 }
 
-fn sha_file(path: &Path) -> Result<String> {
-    Ok(cocomix_data::sha256_hex(
-        &std::fs::read(path).map_err(|e| Error::file(path, e))?,
-    ))
-}
-
 /// Stage 1: the prepared data folder (and its tokenizer).
 pub fn prepare_data(cfg: &RunConfig) -> Result<(Dataset, Tokenizer)> {
     let d = &cfg.data;
@@ -297,7 +291,7 @@ pub fn get_sae(
     device: &Device,
 ) -> Result<(Sae, PathBuf)> {
     let (sae, path) = if cfg.sae.source == "train" {
-        let teacher_sha = sha_file(&teacher.weights)?;
+        let teacher_sha = cocomix_data::file_sha256(&teacher.weights)?;
         let path = cfg.run.out_dir.join(&cfg.run.name).join(format!(
             "sae/L{}-{}x{}-k{}.safetensors",
             cfg.teacher.layer, teacher.model.cfg.n_embd, cfg.sae.n_latents, cfg.sae.k
@@ -383,8 +377,8 @@ pub fn cache_spec(
 ) -> Result<LabelCacheSpec> {
     Ok(LabelCacheSpec {
         teacher: teacher.name.clone(),
-        teacher_sha256: sha_file(&teacher.weights)?,
-        sae_sha256: sha_file(sae_path)?,
+        teacher_sha256: cocomix_data::file_sha256(&teacher.weights)?,
+        sae_sha256: cocomix_data::file_sha256(sae_path)?,
         layer: cfg.teacher.layer,
         k_attr: cfg.concept.k_attr,
         window: cfg.model.context,

@@ -117,12 +117,6 @@ struct CheckpointState {
     optim_sha256: String,
 }
 
-fn sha_file(path: &Path) -> Result<String> {
-    Ok(cocomix_data::sha256_hex(
-        &std::fs::read(path).map_err(|e| Error::file(path, e))?,
-    ))
-}
-
 fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join("checkpoints").join(format!("step-{step:07}"))
 }
@@ -153,7 +147,7 @@ fn read_valid_checkpoint(dir: &Path) -> Result<CheckpointState> {
         ("model.safetensors", &st.model_sha256),
         ("optim.safetensors", &st.optim_sha256),
     ] {
-        if &sha_file(&dir.join(f))? != want {
+        if &cocomix_data::file_sha256(&dir.join(f))? != want {
             return Err(Error::file(
                 dir.join(f),
                 "checksum differs from state.json: truncated or corrupt",
@@ -587,8 +581,8 @@ fn write_checkpoint(
         wall_s,
         train_s,
         best_val,
-        model_sha256: sha_file(&tmp.join("model.safetensors"))?,
-        optim_sha256: sha_file(&tmp.join("optim.safetensors"))?,
+        model_sha256: cocomix_data::file_sha256(&tmp.join("model.safetensors"))?,
+        optim_sha256: cocomix_data::file_sha256(&tmp.join("optim.safetensors"))?,
     };
     cocomix_data::write_atomic(
         &tmp.join("state.json"),
