@@ -43,7 +43,46 @@ pub struct LabelCacheSpec {
     pub max_windows: usize,
 }
 
+/// The choices a label cache is made with (the rest of [`LabelCacheSpec`] identifies files).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LabelChoice {
+    /// The teacher layer the SAE reads.
+    pub layer: usize,
+    /// Labels per token (K_attr).
+    pub k_attr: usize,
+    /// Window length T (the training context).
+    pub window: usize,
+    pub mode: LabelMode,
+    /// Label only the first this many aligned windows (0: all).
+    pub max_windows: usize,
+}
+
 impl LabelCacheSpec {
+    /// The spec of a cache labelled by `teacher` (named `teacher_name`, weights in
+    /// `teacher_weights`) through the SAE in `sae_file` with `n_latents` latents, over the
+    /// training shard of the data folder described by `data`. Hashes both files.
+    pub fn new(
+        teacher_name: &str,
+        teacher_weights: &Path,
+        sae_file: &Path,
+        n_latents: usize,
+        data: &cocomix_data::DataMeta,
+        choice: LabelChoice,
+    ) -> Result<Self> {
+        Ok(Self {
+            teacher: teacher_name.to_string(),
+            teacher_sha256: cocomix_data::file_sha256(teacher_weights)?,
+            sae_sha256: cocomix_data::file_sha256(sae_file)?,
+            layer: choice.layer,
+            k_attr: choice.k_attr,
+            window: choice.window,
+            mode: choice.mode,
+            n_latents,
+            data: format!("{}:{}", data.tokenizer_identity, data.train_tokens),
+            max_windows: choice.max_windows,
+        })
+    }
+
     /// A short stable key of the spec, naming its cache folder.
     pub fn key(&self) -> String {
         let json = serde_json::to_string(self).expect("spec serialises");
@@ -86,6 +125,7 @@ pub struct LabelCache {
     dir: PathBuf,
     meta: CacheMeta,
     mmap: Mmap,
+    resumed_from: Option<usize>,
 }
 
 fn file_err(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -159,7 +199,14 @@ impl LabelCache {
             dir: dir.to_path_buf(),
             meta,
             mmap,
+            resumed_from: None,
         })
+    }
+
+    /// Windows an interrupted build had already labelled when [`LabelCache::build`]
+    /// continued it (`None`: built from window 0, or reused finished).
+    pub fn resumed_from(&self) -> Option<usize> {
+        self.resumed_from
     }
 
     /// The metadata.
@@ -250,6 +297,7 @@ impl LabelCache {
             Some(p) if p.spec == *spec && partial.is_file() => p.done,
             _ => 0,
         };
+        let resumed_from = (done > 0).then_some(done);
         if done > 0 {
             tracing::info!(
                 "{}: resuming the label cache at window {done}/{n_windows}",
@@ -264,14 +312,7 @@ impl LabelCache {
             .map_err(|e| file_err(&partial, e))?;
         file.set_len((n_windows * per_window) as u64)
             .map_err(|e| file_err(&partial, e))?;
-        let bar = indicatif::ProgressBar::new(n_windows as u64).with_position(done as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "labels [{bar:30}] {pos}/{len} windows {per_sec} eta {eta}",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
-        );
+        let bar = cocomix_data::progress_bar(n_windows as u64, "labels").with_position(done as u64);
         let dev = teacher.device().clone();
         while done < n_windows {
             let nb = batch.max(1).min(n_windows - done);
@@ -316,6 +357,9 @@ impl LabelCache {
             },
         )?;
         std::fs::remove_file(&progress_path).ok();
-        Self::open(dir, spec)
+        Ok(Self {
+            resumed_from,
+            ..Self::open(dir, spec)?
+        })
     }
 }

@@ -20,7 +20,7 @@
 mod cache;
 mod score;
 
-pub use cache::{CacheMeta, LabelCache, LabelCacheSpec};
+pub use cache::{CacheMeta, LabelCache, LabelCacheSpec, LabelChoice};
 pub use score::{attribute, attribute_dense, labels, Attribution, LabelMode};
 
 /// Errors of the attribution crate.

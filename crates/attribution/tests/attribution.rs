@@ -6,7 +6,7 @@ use cocomix_attribution::{
     attribute, attribute_dense, labels, LabelCache, LabelCacheSpec, LabelMode,
 };
 use cocomix_data::{TokenDtype, TokenShard};
-use cocomix_model::{Ctx, Gpt2, Gpt2Config, Params};
+use cocomix_model::{Dropout, Gpt2, Gpt2Config, Params};
 use cocomix_sae::Sae;
 use rand::{Rng, SeedableRng};
 use testutil::*;
@@ -100,7 +100,15 @@ fn attribution_is_the_first_order_change_of_the_teacher_loss() {
     let mask = cocomix_model::ops::causal_mask(6, 6, 0, &DEV).unwrap();
     let loss = |x: &Tensor| -> f64 {
         let h = t
-            .run_blocks(x.clone(), layer + 1, 3, &mask, None, None, &mut Ctx::eval())
+            .run_blocks(
+                x.clone(),
+                layer + 1,
+                3,
+                &mask,
+                None,
+                None,
+                &mut Dropout::off(),
+            )
             .unwrap();
         scalar(&cocomix_model::next_token_loss(&t.head(&h).unwrap(), &ids).unwrap()) as f64
     };
@@ -197,6 +205,7 @@ fn cache_round_trip_resume_and_refusal() {
     let a_dir = LabelCache::path_for(dir.path(), &sp);
     let cache = LabelCache::build(&t, &sae, &sp, &sh, &a_dir, 2).unwrap();
     assert_eq!(cache.n_windows(), 5);
+    assert_eq!(cache.resumed_from(), None, "built from window 0");
     // Cached labels are the online labels of the aligned windows.
     for w in 0..5 {
         let ids = Tensor::from_vec(sh.window(w * 8, 8), (1, 8), &DEV).unwrap();
@@ -228,20 +237,29 @@ fn cache_round_trip_resume_and_refusal() {
     // Resume after a kill: a partial file whose first two windows are done (and the rest
     // garbage) is finished, not restarted.
     let full = std::fs::read(a_dir.join("labels.bin")).unwrap();
-    let b_dir = dir.path().join("resumed");
-    std::fs::create_dir_all(&b_dir).unwrap();
     let per = 8 * 3 * 2;
-    let mut partial = full[..2 * per].to_vec();
-    partial.extend(vec![0xAB; full.len() - 2 * per]);
-    std::fs::write(b_dir.join("labels.bin.partial"), &partial).unwrap();
-    std::fs::write(
-        b_dir.join("progress.json"),
-        serde_json::json!({"spec": sp, "done": 2}).to_string(),
-    )
-    .unwrap();
-    LabelCache::build(&t, &sae, &sp, &sh, &b_dir, 2).unwrap();
-    assert_eq!(std::fs::read(b_dir.join("labels.bin")).unwrap(), full);
-    assert!(!b_dir.join("progress.json").exists());
+    let resume = |name: &str, done_windows: &[u8]| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let mut partial = done_windows.to_vec();
+        partial.extend(vec![0xAB; full.len() - 2 * per]);
+        std::fs::write(d.join("labels.bin.partial"), &partial).unwrap();
+        std::fs::write(
+            d.join("progress.json"),
+            serde_json::json!({"spec": sp, "done": 2}).to_string(),
+        )
+        .unwrap();
+        let c = LabelCache::build(&t, &sae, &sp, &sh, &d, 2).unwrap();
+        assert_eq!(c.resumed_from(), Some(2), "continued at window 2");
+        assert!(!d.join("progress.json").exists());
+        std::fs::read(d.join("labels.bin")).unwrap()
+    };
+    assert_eq!(resume("resumed", &full[..2 * per]), full);
+    // Windows 0–1 are taken as done, not relabelled: sentinel labels there survive.
+    let sentinel = vec![7u8; 2 * per];
+    let out = resume("sentinel", &sentinel);
+    assert_eq!(&out[..2 * per], &sentinel[..]);
+    assert_eq!(&out[2 * per..], &full[2 * per..]);
     // A progress file of another spec is not trusted: the build restarts from window 0.
     let c_dir = dir.path().join("restarted");
     std::fs::create_dir_all(&c_dir).unwrap();
@@ -253,7 +271,8 @@ fn cache_round_trip_resume_and_refusal() {
         serde_json::json!({"spec": stale, "done": 4}).to_string(),
     )
     .unwrap();
-    LabelCache::build(&t, &sae, &sp, &sh, &c_dir, 3).unwrap();
+    let restarted = LabelCache::build(&t, &sae, &sp, &sh, &c_dir, 3).unwrap();
+    assert_eq!(restarted.resumed_from(), None);
     assert_eq!(std::fs::read(c_dir.join("labels.bin")).unwrap(), full);
     // A capped cache labels only the first windows, with the same labels.
     let mut capped = sp.clone();

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use cocomix_model::{ConceptConfig, Ctx, Gpt2, Gpt2Config, Params, Student, StudentConfig};
+use cocomix_model::{ConceptConfig, Dropout, Gpt2, Gpt2Config, Params, Student, StudentConfig};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -238,7 +238,7 @@ fn student_step(case: &str, cfg: StudentConfig, batch: usize) -> Result<serde_js
         })
         .transpose()?;
     let step = |i: u64| -> Result<()> {
-        let out = s.forward(&x, &mut Ctx::train(i))?;
+        let out = s.forward(&x, &mut Dropout::seeded(i))?;
         let v = out.logits.dim(2)?;
         let mut loss = cocomix_model::ops::cross_entropy(&out.logits.reshape(((), v))?, &y)?;
         if let (Some(cl), Some(l)) = (&out.concept_logits, &labels) {

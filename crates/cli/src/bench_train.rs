@@ -121,8 +121,7 @@ pub fn run(case: &str, batch_69m: Option<usize>, precision: &str) -> Result<serd
     let mut optim = c.optim.clone();
     optim.steps = steps;
     optim.warmup = 0;
-    optim.precision = precision.to_string();
-    optim.compute_dtype()?;
+    optim.precision = precision.parse()?;
     let spec = cocomix_trainer::TrainSpec {
         objective: objective_kind,
         student: student.clone(),

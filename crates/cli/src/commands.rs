@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use cocomix_attribution::{LabelCache, LabelCacheSpec, LabelMode};
+use cocomix_attribution::{LabelCache, LabelCacheSpec, LabelChoice, LabelMode};
 use cocomix_data::Tokenizer;
 use cocomix_model::{AnyModel, Gpt2, Hook, ResidualHook, Sampling, Steer, SteerMode};
 use cocomix_sae::Sae;
@@ -695,24 +695,20 @@ pub fn labels(cmd: LabelsCommand) -> Result<()> {
         );
     }
     let sae_path = cocomix_sae_path(&sae)?;
-    let spec = LabelCacheSpec {
-        teacher: teacher.clone(),
-        teacher_sha256: cocomix_data::file_sha256(
-            &cocomix_model::gpt2::resolve_model_files(&teacher)?.1,
-        )?,
-        sae_sha256: cocomix_data::file_sha256(&sae_path)?,
-        layer,
-        k_attr,
-        window,
-        mode: mode.parse()?,
-        n_latents: s.n_latents(),
-        data: format!(
-            "{}:{}",
-            ds.meta().tokenizer_identity,
-            ds.meta().train_tokens
-        ),
-        max_windows,
-    };
+    let spec = LabelCacheSpec::new(
+        &teacher,
+        &cocomix_model::gpt2::resolve_model_files(&teacher)?.1,
+        &sae_path,
+        s.n_latents(),
+        ds.meta(),
+        LabelChoice {
+            layer,
+            k_attr,
+            window,
+            mode: mode.parse()?,
+            max_windows,
+        },
+    )?;
     let dir = LabelCache::path_for(&data, &spec);
     let cache = LabelCache::build(&t, &s, &spec, &ds.train, &dir, batch)?;
     eprintln!(

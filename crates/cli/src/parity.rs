@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use cocomix_attribution::{attribute, labels, LabelMode};
 use cocomix_model::ops::concept_loss;
-use cocomix_model::{next_token_loss, Ctx, Gpt2, Student};
+use cocomix_model::{next_token_loss, Dropout, Gpt2, Student};
 use cocomix_sae::Sae;
 
 #[derive(clap::Args)]
@@ -29,7 +29,7 @@ fn compute(golden: &Path, dev: &Device) -> Result<Vec<(String, Tensor)>> {
     let rg = teacher.residual_grad(&ids, 1)?;
     let att = attribute(&teacher, &sae, &ids, 1)?;
     let (lab, _) = labels(&att, sae.n_latents(), 4, LabelMode::Faithful)?;
-    let out = student.forward(&ids, &mut Ctx::eval())?;
+    let out = student.forward(&ids, &mut Dropout::off())?;
     let ntp = next_token_loss(&out.logits, &ids)?;
     let lab3 = lab.reshape((2, 16, 4))?;
     let total = (&ntp

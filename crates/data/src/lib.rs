@@ -13,6 +13,7 @@
 mod error;
 mod loader;
 mod prepare;
+mod progress;
 mod tokenizer;
 
 pub use error::{Error, Result};
@@ -20,33 +21,46 @@ pub use loader::{Dataset, TokenShard};
 pub use prepare::{
     prepare, read_documents, source_hashes, DataMeta, PrepareOptions, SourceFile, TokenDtype,
 };
+pub use progress::{progress_bar, progress_bar_bytes};
 pub use tokenizer::Tokenizer;
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so
 /// a reader never sees a half-written file.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(path, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
 }
 
-/// The temporary name [`write_atomic`] and other atomic writers use for `path`.
+/// The temporary name a streaming writer (a shard) uses before renaming to `path`.
 pub fn tmp_path(path: &std::path::Path) -> std::path::PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");
     path.with_file_name(name)
 }
 
-/// Hex sha256 of a file's bytes (identities of corpora, weights and SAEs in metadata).
+/// Hex sha256 of a file's bytes (identities of corpora, weights and SAEs in metadata),
+/// streamed so multi-GB files need no memory.
 pub fn file_sha256(path: &std::path::Path) -> Result<String> {
-    Ok(sha256_hex(
-        &std::fs::read(path).map_err(|e| Error::io(path, e))?,
-    ))
+    use sha2::Digest;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(path, e))?;
+    Ok(hex(&hasher.finalize()))
 }
 
 /// Hex sha256 of a byte slice (file identities in metadata).
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(bytes);
+    hex(&sha2::Sha256::digest(bytes))
+}
+
+fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -6,20 +6,6 @@ use rand::{Rng, SeedableRng};
 
 use crate::{DataMeta, Error, Result, TokenDtype, Tokenizer};
 
-/// A progress bar on stderr that hides itself when stderr is not a terminal.
-pub(crate) fn progress_bar(len: u64, msg: &'static str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    bar.set_message(msg);
-    bar
-}
-
 /// One memory-mapped shard of little-endian token ids.
 pub struct TokenShard {
     path: PathBuf,

@@ -353,7 +353,7 @@ pub fn prepare(opts: &PrepareOptions, tok: &Tokenizer) -> Result<DataMeta> {
         .iter()
         .map(|f| f.metadata().map(|m| m.len()).unwrap_or(0))
         .sum();
-    let bar = crate::loader::progress_bar(total_bytes, "tokenizing");
+    let bar = crate::progress::progress_bar_bytes(total_bytes, "tokenizing");
     let mut doc_index = 0usize;
     let mut replaced_total = 0u64;
     for f in &files {

@@ -37,7 +37,8 @@ fn byte_level_tokenizer(model: BPE) -> Result<tokenizers::Tokenizer> {
     let mut tok = tokenizers::Tokenizer::new(model);
     tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tok.with_decoder(Some(ByteLevelDecoder::default()));
-    tok.add_special_tokens(&[AddedToken::from(EOT, true)]);
+    tok.add_special_tokens([AddedToken::from(EOT, true)])
+        .map_err(tok_err)?;
     Ok(tok)
 }
 

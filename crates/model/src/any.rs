@@ -1,7 +1,7 @@
 //! Any model this crate loads, behind one interface (evaluation, generation).
 use candle_core::{Device, Tensor};
 
-use crate::gpt2::{resolve_model_files, Ctx, Gpt2, Hook, KvCache};
+use crate::gpt2::{resolve_model_files, Dropout, Gpt2, Hook, KvCache};
 use crate::student::{Steer, Student, StudentConfig};
 use crate::Result;
 
@@ -51,7 +51,7 @@ impl AnyModel {
     pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
         match self {
             Self::Gpt2(g) => g.forward(ids),
-            Self::Student(s) => Ok(s.forward(ids, &mut Ctx::eval())?.logits),
+            Self::Student(s) => Ok(s.forward(ids, &mut Dropout::off())?.logits),
         }
     }
 
@@ -70,7 +70,7 @@ impl AnyModel {
         hook: Option<&Hook>,
     ) -> Result<Tensor> {
         match self {
-            Self::Gpt2(g) => g.forward_with(ids, Some(cache), hook, &mut Ctx::eval()),
+            Self::Gpt2(g) => g.forward_with(ids, Some(cache), hook, &mut Dropout::off()),
             Self::Student(s) => s.forward_cached(ids, cache, steer),
         }
     }

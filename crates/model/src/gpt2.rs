@@ -139,25 +139,26 @@ impl Gpt2Config {
     }
 }
 
-/// Per-forward state: dropout on (with its seeded RNG) or off.
-pub struct Ctx {
+/// Dropout of one forward pass: off (inference), or on with masks drawn from an RNG seeded
+/// per step, so a run (and a resumed run) is reproducible.
+pub struct Dropout {
     rng: Option<rand::rngs::StdRng>,
 }
 
-impl Ctx {
+impl Dropout {
     /// Inference: no dropout.
-    pub fn eval() -> Self {
+    pub fn off() -> Self {
         Self { rng: None }
     }
     /// Training: dropout masks drawn from an RNG seeded with `seed` (reproducible).
-    pub fn train(seed: u64) -> Self {
+    pub fn seeded(seed: u64) -> Self {
         use rand::SeedableRng;
         Self {
             rng: Some(rand::rngs::StdRng::seed_from_u64(seed)),
         }
     }
-    /// Inverted dropout with probability `p` (identity in eval mode).
-    pub fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
+    /// Inverted dropout with probability `p` (identity when off).
+    pub fn apply(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
         let Some(rng) = self.rng.as_mut() else {
             return Ok(x.clone());
         };
@@ -176,7 +177,7 @@ impl Ctx {
 /// GPT-2's Conv1D: `y = x @ w + b` with `w` stored `[in, out]`. A frozen layer's backward
 /// gives its input a gradient and computes none for `w`.
 #[derive(Clone, Debug)]
-pub struct Linear {
+pub struct Conv1D {
     pub weight: Tensor,
     pub bias: Tensor,
     frozen: bool,
@@ -198,7 +199,7 @@ fn matmul_in(x: &Tensor, w: &Tensor, compute: DType, frozen: bool) -> candle_cor
     y.to_dtype(DType::F32)
 }
 
-impl Linear {
+impl Conv1D {
     fn new(p: &mut Params, name: &str, d_in: usize, d_out: usize, std: f64) -> Result<Self> {
         Ok(Self {
             weight: p.get(&format!("{name}.weight"), &[d_in, d_out], Init::Normal(std))?,
@@ -209,7 +210,7 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
+impl Module for Conv1D {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let (d_in, d_out) = self.weight.dims2()?;
@@ -243,8 +244,8 @@ pub type LayerKv = Option<(Tensor, Tensor)>;
 /// Multi-head causal self-attention.
 #[derive(Clone, Debug)]
 pub struct Attention {
-    pub c_attn: Linear,
-    pub c_proj: Linear,
+    pub c_attn: Conv1D,
+    pub c_proj: Conv1D,
     n_head: usize,
     attn_pdrop: f64,
     resid_pdrop: f64,
@@ -258,7 +259,7 @@ impl Attention {
         x: &Tensor,
         mask: &Tensor,
         kv: Option<&mut LayerKv>,
-        ctx: &mut Ctx,
+        dropout: &mut Dropout,
     ) -> Result<Tensor> {
         let (b, s, d) = x.dims3()?;
         let hd = d / self.n_head;
@@ -279,18 +280,26 @@ impl Attention {
         }
         let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [B, H, S, past + S]
         let att = softmax_last(&att.broadcast_add(mask)?)?;
-        let att = ctx.dropout(&att, self.attn_pdrop)?;
+        let att = dropout.apply(&att, self.attn_pdrop)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?; // [B, S, d]
-        ctx.dropout(&self.c_proj.forward(&y)?, self.resid_pdrop)
+        dropout.apply(&self.c_proj.forward(&y)?, self.resid_pdrop)
     }
 }
 
 /// The MLP: `c_fc` (d → 4d), `gelu_new`, `c_proj` (4d → d).
 #[derive(Clone, Debug)]
 pub struct Mlp {
-    pub c_fc: Linear,
-    pub c_proj: Linear,
+    pub c_fc: Conv1D,
+    pub c_proj: Conv1D,
     resid_pdrop: f64,
+}
+
+impl Mlp {
+    /// `x [B, S, d]` → `[B, S, d]`, with residual dropout on the output.
+    pub fn forward(&self, x: &Tensor, dropout: &mut Dropout) -> Result<Tensor> {
+        let h = self.c_fc.forward(x)?.gelu()?; // [B, S, 4d]
+        dropout.apply(&self.c_proj.forward(&h)?, self.resid_pdrop)
+    }
 }
 
 /// One pre-LN transformer block.
@@ -312,16 +321,16 @@ impl Block {
         Ok(Self {
             ln_1: layer_norm(p, &name("ln_1"), d, eps)?,
             attn: Attention {
-                c_attn: Linear::new(p, &name("attn.c_attn"), d, 3 * d, 0.02)?,
-                c_proj: Linear::new(p, &name("attn.c_proj"), d, d, proj_std)?,
+                c_attn: Conv1D::new(p, &name("attn.c_attn"), d, 3 * d, 0.02)?,
+                c_proj: Conv1D::new(p, &name("attn.c_proj"), d, d, proj_std)?,
                 n_head: cfg.n_head,
                 attn_pdrop: cfg.attn_pdrop,
                 resid_pdrop: cfg.resid_pdrop,
             },
             ln_2: layer_norm(p, &name("ln_2"), d, eps)?,
             mlp: Mlp {
-                c_fc: Linear::new(p, &name("mlp.c_fc"), d, 4 * d, 0.02)?,
-                c_proj: Linear::new(p, &name("mlp.c_proj"), 4 * d, d, proj_std)?,
+                c_fc: Conv1D::new(p, &name("mlp.c_fc"), d, 4 * d, 0.02)?,
+                c_proj: Conv1D::new(p, &name("mlp.c_proj"), 4 * d, d, proj_std)?,
                 resid_pdrop: cfg.resid_pdrop,
             },
         })
@@ -333,12 +342,12 @@ impl Block {
         x: &Tensor,
         mask: &Tensor,
         kv: Option<&mut LayerKv>,
-        ctx: &mut Ctx,
+        dropout: &mut Dropout,
     ) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask, kv, ctx)?)?;
-        let h = self.mlp.c_fc.forward(&self.ln_2.forward(&x)?)?.gelu()?;
-        let h = ctx.dropout(&self.mlp.c_proj.forward(&h)?, self.mlp.resid_pdrop)?;
-        Ok((x + h)?)
+        let x = (x + self
+            .attn
+            .forward(&self.ln_1.forward(x)?, mask, kv, dropout)?)?;
+        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?, dropout)?)?)
     }
 }
 
@@ -392,8 +401,7 @@ pub struct Gpt2 {
     pub wpe: Tensor,
     pub blocks: Vec<Block>,
     pub ln_f: LayerNorm,
-    /// The dtype the matmuls run in (f32 unless built with autocast).
-    pub compute_dtype: DType,
+    compute_dtype: DType,
 }
 
 impl Gpt2 {
@@ -434,6 +442,11 @@ impl Gpt2 {
         }
     }
 
+    /// The dtype the matmuls run in (f32 unless autocast was set).
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
+    }
+
     /// Loads a frozen GPT-2 from a folder (`config.json` + `model.safetensors`) or a hub id.
     pub fn load(spec: &str, device: &Device) -> Result<Self> {
         let (config, weights) = resolve_model_files(spec)?;
@@ -448,7 +461,7 @@ impl Gpt2 {
     }
 
     /// Token + position embeddings for `ids [B, T]` starting at position `offset`.
-    pub fn embed(&self, ids: &Tensor, offset: usize, ctx: &mut Ctx) -> Result<Tensor> {
+    pub fn embed(&self, ids: &Tensor, offset: usize, dropout: &mut Dropout) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if offset + t > self.cfg.n_positions {
             return Err(Error::Other(format!(
@@ -462,7 +475,7 @@ impl Gpt2 {
                 .index_select(&ids.flatten_all()?, 0)?
                 .reshape((b, t, self.cfg.n_embd))?;
         let pos = self.wpe.narrow(0, offset, t)?;
-        ctx.dropout(&tok.broadcast_add(&pos)?, self.cfg.embd_pdrop)
+        dropout.apply(&tok.broadcast_add(&pos)?, self.cfg.embd_pdrop)
     }
 
     /// `ln_f` then the tied head: `[B, S, d]` → logits `[B, S, V]`.
@@ -484,11 +497,11 @@ impl Gpt2 {
         mask: &Tensor,
         mut cache: Option<&mut KvCache>,
         hook: Option<&Hook>,
-        ctx: &mut Ctx,
+        dropout: &mut Dropout,
     ) -> Result<Tensor> {
         for i in from..to {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            h = self.blocks[i].forward(&h, mask, kv, ctx)?;
+            h = self.blocks[i].forward(&h, mask, kv, dropout)?;
             if let Some(hk) = hook.filter(|hk| hk.layer == i) {
                 h = hk.hook.apply(&h)?;
             }
@@ -502,11 +515,11 @@ impl Gpt2 {
         ids: &Tensor,
         cache: Option<&mut KvCache>,
         hook: Option<&Hook>,
-        ctx: &mut Ctx,
+        dropout: &mut Dropout,
     ) -> Result<Tensor> {
         let t = ids.dim(1)?;
         let past = cache.as_ref().map_or(0, |c| c.tokens);
-        let h = self.embed(ids, past, ctx)?;
+        let h = self.embed(ids, past, dropout)?;
         let mask = causal_mask(t, past + t, past, self.device())?;
         let mut cache = cache;
         let h = self.run_blocks(
@@ -516,7 +529,7 @@ impl Gpt2 {
             &mask,
             cache.as_deref_mut(),
             hook,
-            ctx,
+            dropout,
         )?;
         if let Some(c) = cache {
             c.tokens += t;
@@ -526,7 +539,7 @@ impl Gpt2 {
 
     /// Logits `[B, T, V]` in eval mode.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        self.forward_with(ids, None, None, &mut Ctx::eval())
+        self.forward_with(ids, None, None, &mut Dropout::off())
     }
 
     /// The residual stream right after block `layer` (0-indexed): Hugging Face
@@ -535,9 +548,9 @@ impl Gpt2 {
         self.check_layer(layer)?;
         let t = ids.dim(1)?;
         let mask = causal_mask(t, t, 0, self.device())?;
-        let mut ctx = Ctx::eval();
-        let h = self.embed(&ids.detach(), 0, &mut ctx)?;
-        self.run_blocks(h, 0, layer + 1, &mask, None, None, &mut ctx)
+        let mut dropout = Dropout::off();
+        let h = self.embed(&ids.detach(), 0, &mut dropout)?;
+        self.run_blocks(h, 0, layer + 1, &mask, None, None, &mut dropout)
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
@@ -566,7 +579,7 @@ impl Gpt2 {
         let hidden = self.hidden_state(ids, layer)?.detach();
         let x = Var::from_tensor(&hidden)?;
         let mask = causal_mask(t, t, 0, self.device())?;
-        let mut ctx = Ctx::eval();
+        let mut dropout = Dropout::off();
         let h = self.run_blocks(
             x.as_tensor().clone(),
             layer + 1,
@@ -574,7 +587,7 @@ impl Gpt2 {
             &mask,
             None,
             None,
-            &mut ctx,
+            &mut dropout,
         )?;
         let logits = self.head(&h)?;
         let loss = next_token_loss(&logits, ids)?;

@@ -10,7 +10,7 @@
 //! let ids = Tensor::new(&[[15496u32, 995, 13]], &dev)?;
 //! let rg = teacher.residual_grad(&ids, 5)?; // x_L and ∂L/∂x_L after block 5
 //! let student = Student::load("runs/x/final".as_ref(), &dev)?;
-//! let out = student.forward(&ids, &mut cocomix_model::Ctx::eval())?;
+//! let out = student.forward(&ids, &mut cocomix_model::Dropout::off())?;
 //! # Ok::<(), cocomix_model::Error>(())
 //! ```
 mod any;
@@ -24,6 +24,8 @@ pub use any::AnyModel;
 pub use cocomix_ops as ops;
 pub use error::{Error, Result};
 pub use generate::{generate, Sampling};
-pub use gpt2::{next_token_loss, Ctx, Gpt2, Gpt2Config, Hook, KvCache, ResidualGrad, ResidualHook};
+pub use gpt2::{
+    next_token_loss, Dropout, Gpt2, Gpt2Config, Hook, KvCache, ResidualGrad, ResidualHook,
+};
 pub use params::{Params, TensorFile};
 pub use student::{ConceptConfig, Steer, SteerMode, Student, StudentConfig, StudentOutput};

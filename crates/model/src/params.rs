@@ -1,30 +1,41 @@
 //! Where a model's tensors come from: a safetensors file (Hugging Face layout, checked
 //! tensor by tensor) or a seeded random init. Trainable models get `Var`s, listed by name.
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
+use rand_distr::Distribution;
 
 use crate::{Error, Result};
 
-/// The tensors of one safetensors file, looked up with or without a `transformer.` prefix.
+/// The tensors of one safetensors file (or the shards of one model), memory-mapped and read
+/// tensor by tensor, looked up with or without a `transformer.` prefix.
 pub struct TensorFile {
     path: PathBuf,
-    tensors: HashMap<String, Tensor>,
+    st: candle_core::safetensors::MmapedSafetensors,
 }
 
 impl TensorFile {
-    /// Reads every tensor of a safetensors file onto the CPU.
+    /// Memory-maps a safetensors file.
     pub fn load(path: &Path) -> Result<Self> {
-        if !path.is_file() {
-            return Err(Error::invalid(path, "no such file"));
+        Self::load_shards(path, &[path.to_path_buf()])
+    }
+
+    /// Memory-maps the shards of one model; `path` names the model in errors (e.g. its
+    /// `model.safetensors.index.json`).
+    pub fn load_shards(path: &Path, shards: &[PathBuf]) -> Result<Self> {
+        for f in shards {
+            if !f.is_file() {
+                return Err(Error::invalid(f, "no such file"));
+            }
         }
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        // SAFETY: the file is only read; like every mmap reader we assume no one truncates it
+        // while the model loads (a checkpoint is written under another name and renamed).
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(shards) }
             .map_err(|e| Error::invalid(path, format!("not a readable safetensors file: {e}")))?;
         Ok(Self {
             path: path.to_path_buf(),
-            tensors,
+            st,
         })
     }
 
@@ -35,13 +46,14 @@ impl TensorFile {
 
     /// Whether a tensor exists (with or without the `transformer.` prefix).
     pub fn contains(&self, name: &str) -> bool {
-        self.raw(name).is_some()
+        self.key(name).is_some()
     }
 
-    fn raw(&self, name: &str) -> Option<&Tensor> {
-        self.tensors
-            .get(name)
-            .or_else(|| self.tensors.get(&format!("transformer.{name}")))
+    /// The stored name of tensor `name`: itself or with the `transformer.` prefix.
+    fn key(&self, name: &str) -> Option<String> {
+        [name.to_string(), format!("transformer.{name}")]
+            .into_iter()
+            .find(|k| self.st.get(k).is_ok())
     }
 
     /// Tensor `name` as `dtype` on `device`, checked to have `shape` and a float dtype.
@@ -52,10 +64,14 @@ impl TensorFile {
         device: &Device,
         dtype: DType,
     ) -> Result<Tensor> {
-        let t = self.raw(name).ok_or_else(|| Error::MissingTensor {
+        let key = self.key(name).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
             name: name.to_string(),
         })?;
+        let t = self
+            .st
+            .load(&key, &Device::Cpu)
+            .map_err(|e| Error::invalid(&self.path, format!("tensor {name}: {e}")))?;
         if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) {
             return Err(Error::DType {
                 path: self.path.clone(),
@@ -76,7 +92,8 @@ impl TensorFile {
 
     /// Shape of tensor `name`, if present.
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        self.raw(name).map(|t| t.dims().to_vec())
+        let view = self.st.get(&self.key(name)?).ok()?;
+        Some(view.shape().to_vec())
     }
 }
 
@@ -145,7 +162,11 @@ impl<'a> Params<'a> {
                 let data: Vec<f32> = match init {
                     Init::Zeros => vec![0.0; n],
                     Init::Ones => vec![1.0; n],
-                    Init::Normal(std) => (0..n).map(|_| (normal(rng) * std) as f32).collect(),
+                    Init::Normal(std) => {
+                        let normal = rand_distr::Normal::new(0.0, std)
+                            .map_err(|e| Error::Config(format!("{name}: init std {std}: {e}")))?;
+                        (0..n).map(|_| normal.sample(rng) as f32).collect()
+                    }
                 };
                 Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?
             }
@@ -164,13 +185,6 @@ impl<'a> Params<'a> {
     pub fn into_vars(self) -> Vec<(String, Var)> {
         self.vars
     }
-}
-
-/// A standard normal draw (Box–Muller), so inits need no extra dependency.
-fn normal(rng: &mut impl Rng) -> f64 {
-    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-    let u2: f64 = rng.random();
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
 /// Writes named tensors to a safetensors file atomically, with `format = pt` metadata

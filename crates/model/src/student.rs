@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
-use crate::gpt2::{Ctx, Gpt2, Gpt2Config, KvCache};
+use crate::gpt2::{Dropout, Gpt2, Gpt2Config, KvCache};
 use crate::ops::{causal_mask, topk, unbiased_layer_norm};
 use crate::params::{save_safetensors, Init, Params, TensorFile};
 use crate::{Error, Result};
@@ -103,8 +103,7 @@ pub struct ConceptPath {
     /// `compress_layer.weight [d, C]` (Linear layout) and `.bias [d]`
     pub compress_w: Tensor,
     pub compress_b: Tensor,
-    /// The dtype the concept predictor's matmul runs in.
-    pub compute_dtype: DType,
+    compute_dtype: DType,
 }
 
 /// What the student's forward returns.
@@ -183,10 +182,7 @@ impl Student {
         };
         obj.insert("architectures".into(), serde_json::json!([arch]));
         let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Other(e.to_string()))?;
-        let tmp = dir.join("config.json.tmp");
-        std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, dir.join("config.json"))
-            .map_err(|e| Error::io(dir.join("config.json"), e))?;
+        crate::ops::write_atomic(&dir.join("config.json"), text.as_bytes())?;
         let tensors: Vec<(String, Tensor)> = self
             .vars
             .iter()
@@ -214,9 +210,9 @@ impl Student {
         self.gpt.device()
     }
 
-    /// Full-sequence forward of `ids [B, T]` (training or evaluation, per `ctx`).
-    pub fn forward(&self, ids: &Tensor, ctx: &mut Ctx) -> Result<StudentOutput> {
-        self.forward_inner(ids, None, &[], ctx)
+    /// Full-sequence forward of `ids [B, T]` (training or evaluation, per `dropout`).
+    pub fn forward(&self, ids: &Tensor, dropout: &mut Dropout) -> Result<StudentOutput> {
+        self.forward_inner(ids, None, &[], dropout)
     }
 
     /// Forward of new tokens `ids [B, t]` continuing `cache` (generation), with optional
@@ -228,7 +224,7 @@ impl Student {
         steer: &[Steer],
     ) -> Result<Tensor> {
         Ok(self
-            .forward_inner(ids, Some(cache), steer, &mut Ctx::eval())?
+            .forward_inner(ids, Some(cache), steer, &mut Dropout::off())?
             .logits)
     }
 
@@ -242,19 +238,19 @@ impl Student {
         ids: &Tensor,
         mut cache: Option<&mut KvCache>,
         steer: &[Steer],
-        ctx: &mut Ctx,
+        dropout: &mut Dropout,
     ) -> Result<StudentOutput> {
         let (b, t) = ids.dims2()?;
         let d = self.cfg.gpt2.n_embd;
         let past = cache.as_ref().map_or(0, |c| c.tokens());
         let dev = self.device().clone();
-        let h = self.gpt.embed(ids, past, ctx)?; // [B, T, d]
+        let h = self.gpt.embed(ids, past, dropout)?; // [B, T, d]
         let n_layer = self.cfg.gpt2.n_layer;
         let Some(cp) = &self.concept else {
             let mask = causal_mask(t, past + t, past, &dev)?;
-            let h = self
-                .gpt
-                .run_blocks(h, 0, n_layer, &mask, cache.as_deref_mut(), None, ctx)?;
+            let h =
+                self.gpt
+                    .run_blocks(h, 0, n_layer, &mask, cache.as_deref_mut(), None, dropout)?;
             if let Some(c) = cache {
                 c.tokens += t;
             }
@@ -267,13 +263,19 @@ impl Student {
         let mask = causal_mask(t, past + t, past, &dev)?;
         let h = self
             .gpt
-            .run_blocks(h, 0, insert, &mask, cache.as_deref_mut(), None, ctx)?;
+            .run_blocks(h, 0, insert, &mask, cache.as_deref_mut(), None, dropout)?;
         let (c, concept_logits) = cp.concept(&h, steer)?; // [B, T, d], [B, T, C]
         let h = Tensor::stack(&[&h, &c], 2)?.reshape((b, 2 * t, d))?; // [B, 2T, d]: h1, c1, h2, c2, …
         let mask2 = causal_mask(2 * t, 2 * (past + t), 2 * past, &dev)?;
-        let h = self
-            .gpt
-            .run_blocks(h, insert, n_layer, &mask2, cache.as_deref_mut(), None, ctx)?;
+        let h = self.gpt.run_blocks(
+            h,
+            insert,
+            n_layer,
+            &mask2,
+            cache.as_deref_mut(),
+            None,
+            dropout,
+        )?;
         if let Some(c) = cache {
             c.tokens += t;
         }

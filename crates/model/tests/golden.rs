@@ -3,7 +3,7 @@
 mod testutil;
 
 use candle_core::{Device, Tensor};
-use cocomix_model::{next_token_loss, Ctx, Gpt2, Student};
+use cocomix_model::{next_token_loss, Dropout, Gpt2, Student};
 use testutil::*;
 
 fn teacher() -> Gpt2 {
@@ -64,7 +64,7 @@ fn student_logits_and_concept_logits() {
     let exp = expected();
     let ids = golden_ids(&exp);
     let s = Student::load(&golden_dir().join("student"), &Device::Cpu).unwrap();
-    let out = s.forward(&ids, &mut Ctx::eval()).unwrap();
+    let out = s.forward(&ids, &mut Dropout::off()).unwrap();
     assert_close(
         &out.concept_logits.unwrap(),
         &exp["student_concept_logits"],
@@ -119,7 +119,7 @@ fn losses_and_gradients_of_loss_total() {
     let exp = expected();
     let ids = golden_ids(&exp);
     let s = Student::load(&golden_dir().join("student"), &Device::Cpu).unwrap();
-    let out = s.forward(&ids, &mut Ctx::eval()).unwrap();
+    let out = s.forward(&ids, &mut Dropout::off()).unwrap();
     let ntp = next_token_loss(&out.logits, &ids).unwrap();
     let concept =
         cocomix_model::ops::concept_loss(out.concept_logits.as_ref().unwrap(), &exp["labels"])

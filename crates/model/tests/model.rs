@@ -5,7 +5,7 @@ mod testutil;
 use candle_core::{DType, Device, Tensor, Var};
 use cocomix_model::ops::{concept_loss, kd_kl, topk, topk_two_stage, unbiased_layer_norm};
 use cocomix_model::{
-    next_token_loss, ConceptConfig, Ctx, Gpt2, Gpt2Config, Params, Student, StudentConfig,
+    next_token_loss, ConceptConfig, Dropout, Gpt2, Gpt2Config, Params, Student, StudentConfig,
 };
 use testutil::*;
 
@@ -175,13 +175,23 @@ fn residual_grad_matches_central_finite_differences() {
     let mask = cocomix_model::ops::causal_mask(5, 5, 0, &DEV).unwrap();
     let loss_at = |x: &Tensor| -> f64 {
         let h = m
-            .run_blocks(x.clone(), layer + 1, 3, &mask, None, None, &mut Ctx::eval())
+            .run_blocks(
+                x.clone(),
+                layer + 1,
+                3,
+                &mask,
+                None,
+                None,
+                &mut Dropout::off(),
+            )
             .unwrap();
         scalar(&next_token_loss(&m.head(&h).unwrap(), &ids).unwrap()) as f64
     };
     let base: Vec<f32> = rg.hidden.flatten_all().unwrap().to_vec1().unwrap();
     let g: Vec<f32> = rg.grad.flatten_all().unwrap().to_vec1().unwrap();
-    let eps = 1e-2f32;
+    // The residual's entries are O(0.05) (N(0, 0.02) init): a small step keeps the central
+    // difference in its linear range, and f32 loss rounding (~3e-7) stays below 1e-4.
+    let eps = 2e-3f32;
     for &i in &[0usize, 5, 17, 30, 41, 63, 70] {
         let mut plus = base.clone();
         plus[i] += eps;
@@ -263,8 +273,8 @@ fn causal_in_gpt2_and_in_the_interleaved_student() {
     assert_causal(&m.forward(&a).unwrap(), &m.forward(&b).unwrap(), 2);
     let s = Student::new(&student_cfg(true), 1, &DEV).unwrap();
     let (oa, ob) = (
-        s.forward(&a, &mut Ctx::eval()).unwrap(),
-        s.forward(&b, &mut Ctx::eval()).unwrap(),
+        s.forward(&a, &mut Dropout::off()).unwrap(),
+        s.forward(&b, &mut Dropout::off()).unwrap(),
     );
     assert_causal(&oa.logits, &ob.logits, 2);
     assert_causal(&oa.concept_logits.unwrap(), &ob.concept_logits.unwrap(), 2);
@@ -280,7 +290,7 @@ fn kv_cache_matches_full_recompute() {
     // Student (interleaved) and NTP student: prompt of 3, then one token at a time.
     for concept in [true, false] {
         let s = Student::new(&student_cfg(concept), 2, &DEV).unwrap();
-        let full = s.forward(&full_ids, &mut Ctx::eval()).unwrap().logits;
+        let full = s.forward(&full_ids, &mut Dropout::off()).unwrap().logits;
         let mut cache = s.new_cache();
         let mut parts = vec![s
             .forward_cached(&full_ids.narrow(1, 0, 3).unwrap(), &mut cache, &[])
@@ -309,7 +319,7 @@ fn kv_cache_matches_full_recompute() {
                 &full_ids.narrow(1, start, len).unwrap(),
                 Some(&mut cache),
                 None,
-                &mut Ctx::eval(),
+                &mut Dropout::off(),
             )
             .unwrap(),
         );
@@ -333,8 +343,8 @@ fn hugging_face_layout_round_trip() {
         s.save(&path).unwrap();
         let back = Student::load(&path, &DEV).unwrap();
         let (a, b) = (
-            s.forward(&ids, &mut Ctx::eval()).unwrap(),
-            back.forward(&ids, &mut Ctx::eval()).unwrap(),
+            s.forward(&ids, &mut Dropout::off()).unwrap(),
+            back.forward(&ids, &mut Dropout::off()).unwrap(),
         );
         assert_close(&a.logits, &b.logits, 0.0, 0.0, "reloaded logits");
         let st = candle_core::safetensors::load(path.join("model.safetensors"), &DEV).unwrap();
@@ -529,7 +539,7 @@ fn every_trainable_tensor_gets_a_gradient() {
         let mut cfg = student_cfg(concept);
         cfg.gpt2 = cfg.gpt2.with_dropout(0.1);
         let s = Student::new(&cfg, 3, &DEV).unwrap();
-        let out = s.forward(&ids, &mut Ctx::train(7)).unwrap();
+        let out = s.forward(&ids, &mut Dropout::seeded(7)).unwrap();
         let mut loss = next_token_loss(&out.logits, &ids).unwrap();
         if let Some(cl) = &out.concept_logits {
             let labels = Tensor::new(
@@ -582,9 +592,9 @@ fn losses_match_their_formulas() {
 fn bf16_autocast_stays_close_to_f32_and_reaches_every_weight() {
     let ids = Tensor::new(&[[1u32, 5, 7, 3, 9, 2]], &DEV).unwrap();
     let mut s = Student::new(&student_cfg(true), 3, &DEV).unwrap();
-    let f32_out = s.forward(&ids, &mut Ctx::eval()).unwrap();
+    let f32_out = s.forward(&ids, &mut Dropout::off()).unwrap();
     s.set_compute_dtype(DType::BF16);
-    let bf = s.forward(&ids, &mut Ctx::eval()).unwrap();
+    let bf = s.forward(&ids, &mut Dropout::off()).unwrap();
     assert_eq!(bf.logits.dtype(), DType::F32);
     assert_close(&bf.logits, &f32_out.logits, 5e-2, 5e-2, "bf16 logits");
     let labels = Tensor::new(

@@ -24,83 +24,37 @@ pub enum Error {
 /// Result alias of the ops crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Writes named tensors (f32, f16, bf16, i64, u32) to a safetensors file through a
-/// temporary name and a rename, with `meta` plus `format = pt` (which Hugging Face
-/// `transformers` requires) as metadata.
+/// Writes named tensors to a safetensors file through a temporary name and a rename, with
+/// `meta` plus `format = pt` (which Hugging Face `transformers` requires) as metadata.
 pub fn save_safetensors(
     tensors: &[(String, Tensor)],
     meta: &[(&str, String)],
     path: &std::path::Path,
 ) -> Result<()> {
-    use safetensors::tensor::{Dtype, TensorView};
     let mut info: std::collections::HashMap<String, String> = meta
         .iter()
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect();
     info.entry("format".into()).or_insert_with(|| "pt".into());
-    let bytes = |t: &Tensor| -> Result<(Dtype, Vec<u8>)> {
-        let t = t.to_device(&candle_core::Device::Cpu)?.flatten_all()?;
-        Ok(match t.dtype() {
-            DType::F32 => (
-                Dtype::F32,
-                t.to_vec1::<f32>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            DType::BF16 => (
-                Dtype::BF16,
-                t.to_vec1::<half::bf16>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            DType::F16 => (
-                Dtype::F16,
-                t.to_vec1::<half::f16>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            DType::I64 => (
-                Dtype::I64,
-                t.to_vec1::<i64>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            DType::U32 => (
-                Dtype::U32,
-                t.to_vec1::<u32>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            other => {
-                return Err(Error::Invalid(format!(
-                    "cannot save a tensor of dtype {other:?}"
-                )))
-            }
-        })
+    // Candle's `Tensor` implements safetensors' `View` (device tensors are copied to the host).
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n, t)), Some(info))
+        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a
+/// reader (or a resumed run) never sees a half-written file.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let err = |e: &dyn std::fmt::Display| Error::Invalid(format!("{}: {e}", path.display()));
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
     };
-    let bufs: Vec<(&String, Vec<usize>, Dtype, Vec<u8>)> = tensors
-        .iter()
-        .map(|(n, t)| bytes(t).map(|(d, b)| (n, t.dims().to_vec(), d, b)))
-        .collect::<Result<_>>()?;
-    let views = bufs
-        .iter()
-        .map(|(n, s, d, b)| {
-            TensorView::new(*d, s.clone(), b)
-                .map(|v| (n.to_string(), v))
-                .map_err(|e| Error::Invalid(e.to_string()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut tmp = path.as_os_str().to_os_string();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    safetensors::serialize_to_file(views, Some(info), &tmp)
-        .map_err(|e| Error::Invalid(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| err(&e))?;
+    tmp.write_all(bytes).map_err(|e| err(&e))?;
+    tmp.persist(path).map_err(|e| err(&e.error))?;
+    Ok(())
 }
 
 /// Standard LayerNorm (biased variance, eps inside the square root) from primitives.

@@ -80,9 +80,7 @@ fn download(url: &str) -> Result<PathBuf> {
     resp.into_reader()
         .read_to_end(&mut bytes)
         .map_err(|e| offline(url, e))?;
-    let tmp = path.with_extension("part");
-    std::fs::write(&tmp, &bytes).map_err(|e| Error::file(&tmp, e.to_string()))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::file(&path, e.to_string()))?;
+    cocomix_ops::write_atomic(&path, &bytes)?;
     Ok(path)
 }
 

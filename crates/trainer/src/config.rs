@@ -28,6 +28,88 @@ impl std::fmt::Display for Objective {
     }
 }
 
+/// Where a frozen model (teacher or SAE) comes from: trained by the pipeline on the corpus
+/// (`"train"`), or loaded from a path, hub id or URL (any other string).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum Source {
+    /// Train one first (shape and budget from the config).
+    Train,
+    /// A folder, file, hub id or URL.
+    Load(String),
+}
+
+impl From<String> for Source {
+    fn from(s: String) -> Self {
+        if s == "train" {
+            Source::Train
+        } else {
+            Source::Load(s)
+        }
+    }
+}
+
+impl From<Source> for String {
+    fn from(s: Source) -> Self {
+        s.to_string()
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Train => f.write_str("train"),
+            Source::Load(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Where CoCoMix's concept labels come from (`concept.labels`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LabelSource {
+    /// A label cache of aligned windows, built once.
+    Cache,
+    /// The teacher on every batch, at random offsets (the paper).
+    Online,
+}
+
+/// Matmul precision (`optim.precision`): f32, or bf16 / f16 autocast with f32 master
+/// weights, optimizer state and losses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    /// The dtype the matmuls run in.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+            Precision::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            "f16" => Ok(Precision::F16),
+            p => Err(Error::Config(format!(
+                "precision {p:?}: expected f32, bf16 or f16"
+            ))),
+        }
+    }
+}
+
 /// `[run]`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,7 +144,7 @@ pub struct DataSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TeacherSection {
-    pub source: String,
+    pub source: Source,
     /// The layer the SAE reads (output of block `layer`, 0-indexed).
     pub layer: usize,
     #[serde(default)]
@@ -84,7 +166,7 @@ pub struct ShapeBudget {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SaeSection {
-    pub source: String,
+    pub source: Source,
     pub n_latents: usize,
     pub k: usize,
     /// Training steps and tokens per step when `source = "train"`.
@@ -104,9 +186,9 @@ pub struct ConceptSection {
     pub concept_num: usize,
     pub insert_layer: usize,
     /// `cache` (label cache, aligned windows) or `online` (teacher every step, random offsets).
-    pub labels: String,
+    pub labels: LabelSource,
     /// `faithful` or `active-only`.
-    pub label_mode: String,
+    pub label_mode: cocomix_attribution::LabelMode,
     /// Windows the label cache covers (0: the whole training shard).
     #[serde(default)]
     pub cache_windows: usize,
@@ -143,26 +225,8 @@ pub struct OptimSection {
     pub clip: f64,
     /// Matmul precision: `f32`, or `bf16` / `f16` autocast (f32 master weights, optimizer
     /// state and losses).
-    #[serde(default = "default_precision")]
-    pub precision: String,
-}
-
-fn default_precision() -> String {
-    "f32".into()
-}
-
-impl OptimSection {
-    /// The matmul dtype of `precision`.
-    pub fn compute_dtype(&self) -> Result<candle_core::DType> {
-        match self.precision.as_str() {
-            "f32" => Ok(candle_core::DType::F32),
-            "bf16" => Ok(candle_core::DType::BF16),
-            "f16" => Ok(candle_core::DType::F16),
-            p => Err(Error::Config(format!(
-                "optim.precision {p:?}: expected f32, bf16 or f16"
-            ))),
-        }
-    }
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// `[kd]`
@@ -301,15 +365,6 @@ impl RunConfig {
                 self.sae.k, self.sae.n_latents
             ));
         }
-        if !matches!(c.labels.as_str(), "cache" | "online") {
-            return bad(format!(
-                "concept.labels {:?}: expected cache or online",
-                c.labels
-            ));
-        }
-        c.label_mode
-            .parse::<cocomix_attribution::LabelMode>()
-            .map_err(|e| Error::Config(format!("concept.label_mode: {e}")))?;
         if o.batch_size == 0 || o.grad_accum == 0 || o.batch_size % o.grad_accum != 0 {
             return bad(format!(
                 "optim.batch_size {} must be a positive multiple of optim.grad_accum {}",
@@ -322,7 +377,6 @@ impl RunConfig {
                 o.lr, o.min_lr
             ));
         }
-        o.compute_dtype()?;
         if o.steps == 0 || o.warmup > o.steps {
             return bad(format!(
                 "optim.steps {} must be positive and ≥ optim.warmup {}",
@@ -354,7 +408,7 @@ impl RunConfig {
         if self.data.tokenizer == "train" && self.data.vocab_size.is_none() {
             return bad("data.tokenizer = \"train\" needs data.vocab_size".into());
         }
-        if self.teacher.source == "train" {
+        if self.teacher.source == Source::Train {
             let Some(t) = &self.teacher.train else {
                 return bad("teacher.source = \"train\" needs a [teacher.train] section".into());
             };

@@ -3,14 +3,14 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use cocomix_attribution::{LabelCache, LabelCacheSpec, LabelMode};
+use cocomix_attribution::{LabelCache, LabelCacheSpec, LabelChoice};
 use cocomix_data::{Dataset, PrepareOptions, Tokenizer};
 use cocomix_model::{ConceptConfig, Gpt2, Gpt2Config, StudentConfig};
 use cocomix_sae::{Sae, SaeTrainConfig, SaeTrainer};
 
 use crate::report::{write_comparison, write_run_report};
 use crate::run::{train, Labels, TrainOutcome, TrainSpec};
-use crate::{Error, Objective, Result, RunConfig};
+use crate::{Error, LabelSource, Objective, Result, RunConfig, Source};
 
 /// Options of the main job beyond the config.
 #[derive(Clone, Debug, Default)]
@@ -105,14 +105,14 @@ pub struct Teacher {
 }
 
 /// Stage 2: the config's teacher, or a small one trained on the corpus.
-pub fn get_teacher(
+pub fn load_or_train_teacher(
     cfg: &RunConfig,
     data: &Dataset,
     tok: &Tokenizer,
     device: &Device,
 ) -> Result<Teacher> {
     let root = cfg.run.out_dir.join(&cfg.run.name);
-    let dir = if cfg.teacher.source == "train" {
+    let dir = if cfg.teacher.source == Source::Train {
         let dir = root.join("teacher");
         let t = cfg.teacher.train.as_ref().expect("validated");
         let mut optim = cfg.optim.clone();
@@ -174,7 +174,7 @@ pub fn get_teacher(
         }
         dir.join("final")
     } else {
-        PathBuf::from(&cfg.teacher.source)
+        PathBuf::from(cfg.teacher.source.to_string())
     };
     let spec = dir.to_string_lossy().to_string();
     let model = Gpt2::load(&spec, device)?;
@@ -192,8 +192,8 @@ pub fn get_teacher(
     };
     let teacher_tok = match teacher_tok {
         Some(t) => t,
-        None if cfg.teacher.source.contains("gpt2") => Tokenizer::gpt2()?,
-        None => Tokenizer::load(&cfg.teacher.source)?,
+        None if cfg.teacher.source.to_string().contains("gpt2") => Tokenizer::gpt2()?,
+        None => Tokenizer::load(&cfg.teacher.source.to_string())?,
     };
     if teacher_tok.identity() != tok.identity() {
         return Err(Error::Config(format!(
@@ -208,7 +208,7 @@ pub fn get_teacher(
     Ok(Teacher {
         model,
         weights,
-        name: cfg.teacher.source.clone(),
+        name: cfg.teacher.source.to_string(),
     })
 }
 
@@ -235,12 +235,7 @@ pub fn train_sae(
         Ok(teacher.hidden_state(&ids, layer)?.reshape(((), d))?)
     };
     let mut tr = SaeTrainer::new(tcfg, &acts(u64::MAX)?)?;
-    let bar = indicatif::ProgressBar::new(steps);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("sae [{bar:25}] {pos}/{len} {msg} eta {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
+    let bar = cocomix_data::progress_bar(steps, "sae");
     let log_path = out.with_extension("jsonl");
     let mut log = String::new();
     let mut last = None;
@@ -284,13 +279,13 @@ pub fn train_sae(
 }
 
 /// Stage 3: the config's SAE, or one trained on the teacher's layer. Returns it and its file.
-pub fn get_sae(
+pub fn load_or_train_sae(
     cfg: &RunConfig,
     teacher: &Teacher,
     data: &Dataset,
     device: &Device,
 ) -> Result<(Sae, PathBuf)> {
-    let (sae, path) = if cfg.sae.source == "train" {
+    let (sae, path) = if cfg.sae.source == Source::Train {
         let teacher_sha = cocomix_data::file_sha256(&teacher.weights)?;
         let path = cfg.run.out_dir.join(&cfg.run.name).join(format!(
             "sae/L{}-{}x{}-k{}.safetensors",
@@ -340,8 +335,8 @@ pub fn get_sae(
             }
         }
     } else {
-        let s = Sae::load(&cfg.sae.source, device)?;
-        (s, PathBuf::from(&cfg.sae.source))
+        let spec = cfg.sae.source.to_string();
+        (Sae::load(&spec, device)?, PathBuf::from(spec))
     };
     sae.check_input_width(
         teacher.model.cfg.n_embd,
@@ -375,22 +370,20 @@ pub fn cache_spec(
     sae: &Sae,
     data: &Dataset,
 ) -> Result<LabelCacheSpec> {
-    Ok(LabelCacheSpec {
-        teacher: teacher.name.clone(),
-        teacher_sha256: cocomix_data::file_sha256(&teacher.weights)?,
-        sae_sha256: cocomix_data::file_sha256(sae_path)?,
-        layer: cfg.teacher.layer,
-        k_attr: cfg.concept.k_attr,
-        window: cfg.model.context,
-        mode: cfg.concept.label_mode.parse::<LabelMode>()?,
-        n_latents: sae.n_latents(),
-        data: format!(
-            "{}:{}",
-            data.meta().tokenizer_identity,
-            data.meta().train_tokens
-        ),
-        max_windows: cfg.concept.cache_windows,
-    })
+    Ok(LabelCacheSpec::new(
+        &teacher.name,
+        &teacher.weights,
+        sae_path,
+        sae.n_latents(),
+        data.meta(),
+        LabelChoice {
+            layer: cfg.teacher.layer,
+            k_attr: cfg.concept.k_attr,
+            window: cfg.model.context,
+            mode: cfg.concept.label_mode,
+            max_windows: cfg.concept.cache_windows,
+        },
+    )?)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -440,10 +433,10 @@ pub fn run_main_job(cfg: &RunConfig, opts: &JobOptions, device: &Device) -> Resu
     let mut outcomes: Vec<(TrainOutcome, PathBuf)> = Vec::new();
     let (teacher, sae) = if needs_teacher {
         stage(2, "teacher");
-        let teacher = get_teacher(cfg, &data, &tok, device)?;
+        let teacher = load_or_train_teacher(cfg, &data, &tok, device)?;
         let sae = if cfg.run.objectives.contains(&Objective::Cocomix) {
             stage(3, "SAE");
-            Some(get_sae(cfg, &teacher, &data, device)?)
+            Some(load_or_train_sae(cfg, &teacher, &data, device)?)
         } else {
             None
         };
@@ -452,7 +445,7 @@ pub fn run_main_job(cfg: &RunConfig, opts: &JobOptions, device: &Device) -> Resu
         (None, None)
     };
     let cache = match (&teacher, &sae) {
-        (Some(t), Some((s, p))) if cfg.concept.labels == "cache" => {
+        (Some(t), Some((s, p))) if cfg.concept.labels == LabelSource::Cache => {
             stage(4, "label cache");
             let spec = cache_spec(cfg, t, p, s, &data)?;
             let dir = LabelCache::path_for(&cfg.data.dir, &spec);
@@ -489,7 +482,7 @@ pub fn run_main_job(cfg: &RunConfig, opts: &JobOptions, device: &Device) -> Resu
             (Objective::Cocomix, None, Some((s, _))) => Some(Labels::Online {
                 sae: s,
                 layer: cfg.teacher.layer,
-                mode: cfg.concept.label_mode.parse()?,
+                mode: cfg.concept.label_mode,
             }),
             _ => None,
         };
@@ -527,7 +520,7 @@ pub fn run_main_job(cfg: &RunConfig, opts: &JobOptions, device: &Device) -> Resu
         cfg.optim.batch_size,
         cfg.model.context,
         cfg.run.seed,
-        teacher.as_ref().map_or("none".into(), |t| if cfg.teacher.source == "train" { "a small teacher trained on the corpus (not GPT-2)".to_string() } else { t.name.clone() }),
+        teacher.as_ref().map_or("none".into(), |t| if cfg.teacher.source == Source::Train { "a small teacher trained on the corpus (not GPT-2)".to_string() } else { t.name.clone() }),
         sae.as_ref().map_or("none".into(), |s| s.1.display().to_string()),
     );
     write_comparison(

@@ -20,7 +20,7 @@ use candle_core::{Device, Tensor};
 use cocomix_attribution::{attribute, labels, LabelCache, LabelMode};
 use cocomix_data::Dataset;
 use cocomix_model::ops::{concept_loss, cross_entropy, kd_kl};
-use cocomix_model::{Ctx, Gpt2, Student, StudentConfig};
+use cocomix_model::{Dropout, Gpt2, Student, StudentConfig};
 use cocomix_sae::Sae;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -202,7 +202,7 @@ pub fn validate(
         }
         let ids = Tensor::from_vec(ids, (chunk.len(), context + 1), student.device())?;
         let (x, y) = (ids.narrow(1, 0, context)?, ids.narrow(1, 1, context)?);
-        let out = student.forward(&x, &mut Ctx::eval())?;
+        let out = student.forward(&x, &mut Dropout::off())?;
         let v = out.logits.dim(2)?;
         let l = cross_entropy(&out.logits.reshape(((), v))?, &y.flatten_all()?)?;
         sum += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
@@ -278,8 +278,8 @@ struct Losses {
     kd: Option<f64>,
 }
 
-fn losses(spec: &TrainSpec, student: &Student, b: &Batch, ctx: &mut Ctx) -> Result<Losses> {
-    let out = student.forward(&b.x, ctx)?;
+fn losses(spec: &TrainSpec, student: &Student, b: &Batch, dropout: &mut Dropout) -> Result<Losses> {
+    let out = student.forward(&b.x, dropout)?;
     let v = out.logits.dim(2)?;
     let ce = cross_entropy(&out.logits.reshape(((), v))?, &b.y.flatten_all()?)?;
     let ntp = ce.to_scalar::<f32>()? as f64;
@@ -398,7 +398,7 @@ pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
         }
     };
     let mut student = student;
-    student.set_compute_dtype(o.compute_dtype()?);
+    student.set_compute_dtype(o.precision.dtype());
     let params: usize = student.vars().iter().map(|(_, v)| v.elem_count()).sum();
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -406,13 +406,7 @@ pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
         .open(&metrics_path)
         .map_err(|e| Error::file(&metrics_path, e))?;
     let began = Instant::now();
-    let bar = indicatif::ProgressBar::new(o.steps).with_position(start);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} [{bar:25}] {pos}/{len} {msg} eta {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(spec.objective.to_string());
+    let bar = cocomix_data::progress_bar(o.steps, &spec.objective.to_string()).with_position(start);
     let mut last_val = None;
     let mut stopped_early = false;
     let mut last_good = list_checkpoints(run_dir).first().map(|c| c.1.clone());
@@ -425,11 +419,11 @@ pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
         let (mut has_c, mut has_kd) = (false, false);
         for micro in 0..o.grad_accum as u64 {
             let b = make_batch(spec, step, micro, rows)?;
-            let mut ctx = Ctx::train(
+            let mut dropout = Dropout::seeded(
                 spec.seed
                     ^ (step * o.grad_accum as u64 + micro).wrapping_mul(0xD129_0A5B_3C31_4F6B),
             );
-            let l = losses(spec, &student, &b, &mut ctx)?;
+            let l = losses(spec, &student, &b, &mut dropout)?;
             let lt = l.total.to_scalar::<f32>()? as f64;
             if !lt.is_finite() {
                 let keep = last_good

@@ -3,7 +3,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use cocomix_data::{prepare, Dataset, PrepareOptions, Tokenizer};
 use cocomix_model::ops::{concept_loss, cross_entropy, kd_kl};
-use cocomix_model::{ConceptConfig, Ctx, Gpt2, Gpt2Config, Params, Student, StudentConfig};
+use cocomix_model::{ConceptConfig, Dropout, Gpt2, Gpt2Config, Params, Student, StudentConfig};
 use cocomix_trainer::optim::{clip_grad_norm, lr_at, AdamW};
 use cocomix_trainer::{train, Labels, Objective, RunConfig, TrainSpec};
 
@@ -58,7 +58,7 @@ fn the_three_losses_match_independent_formulas() {
         &DEV,
     )
     .unwrap();
-    let out = s.forward(&x, &mut Ctx::eval()).unwrap();
+    let out = s.forward(&x, &mut Dropout::off()).unwrap();
     let logits = vals(&out.logits);
     let tl = vals(&teacher.forward(&x).unwrap());
     let cl = vals(out.concept_logits.as_ref().unwrap());
@@ -128,7 +128,7 @@ fn a_few_steps_of_each_objective_overfit_a_fixed_batch() {
         let s = Student::new(&student(objective == Objective::Cocomix, 30), 3, &DEV).unwrap();
         let mut opt = AdamW::new(s.vars(), &o).unwrap();
         let loss = |s: &Student| {
-            let out = s.forward(&x, &mut Ctx::eval()).unwrap();
+            let out = s.forward(&x, &mut Dropout::off()).unwrap();
             let ce = cross_entropy(&out.logits.reshape((12, 30)).unwrap(), &y).unwrap();
             match objective {
                 Objective::Ntp => ce,
@@ -416,8 +416,8 @@ fn bad_configs_are_errors_before_any_work() {
     ])
     .unwrap();
     assert_eq!(
-        (c.optim.lr, c.run.name.as_str(), c.concept.labels.as_str()),
-        (3e-4, "x", "online")
+        (c.optim.lr, c.run.name.as_str(), c.concept.labels),
+        (3e-4, "x", cocomix_trainer::LabelSource::Online)
     );
     // Shipped configs parse.
     for f in ["default", "cpu-long", "gpt2-69m", "gpt2-386m", "gpt2-1.38b"] {
@@ -441,7 +441,7 @@ fn mismatched_artifacts_are_refused() {
         &format!("run.out_dir=\"{}\"", dir.path().display()),
     ])
     .unwrap();
-    let e = cocomix_trainer::pipeline::get_teacher(&c, &data, &tok, &DEV)
+    let e = cocomix_trainer::pipeline::load_or_train_teacher(&c, &data, &tok, &DEV)
         .err()
         .expect("refused")
         .to_string();
@@ -472,8 +472,8 @@ fn mismatched_artifacts_are_refused() {
         &format!("sae.source=\"{}\"", sae_file.display()),
     ])
     .unwrap();
-    let teacher = cocomix_trainer::pipeline::get_teacher(&c, &data, &tok, &DEV).unwrap();
-    let e = cocomix_trainer::pipeline::get_sae(&c, &teacher, &data, &DEV)
+    let teacher = cocomix_trainer::pipeline::load_or_train_teacher(&c, &data, &tok, &DEV).unwrap();
+    let e = cocomix_trainer::pipeline::load_or_train_sae(&c, &teacher, &data, &DEV)
         .err()
         .expect("refused")
         .to_string();
