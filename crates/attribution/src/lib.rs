@@ -1,4 +1,4 @@
-//! CoCoMix's concept labels (Tack et al. 2025, spec §2): which SAE concepts matter for the
+//! CoCoMix's concept labels (Tack et al. 2025; the reference release's `compute_attribute`, see docs/design.md): which SAE concepts matter for the
 //! teacher's next-token loss, per token, and a cache of them so training need not run the
 //! teacher every step.
 //!

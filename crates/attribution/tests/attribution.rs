@@ -102,8 +102,7 @@ fn attribution_is_the_first_order_change_of_the_teacher_loss() {
         let h = t
             .run_blocks(
                 x.clone(),
-                layer + 1,
-                3,
+                layer + 1..3,
                 &mask,
                 None,
                 None,

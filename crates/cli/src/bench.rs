@@ -198,7 +198,7 @@ pub fn tiny(cocomix: bool) -> StudentConfig {
     }
 }
 
-/// The paper's 69M setting (spec §3.3): CoCoMix d = 512, NTP d = 624, 8 layers, 8 heads,
+/// The paper's 69M setting (the reference release's 69M config): CoCoMix d = 512, NTP d = 624, 8 layers, 8 heads,
 /// insert layer 3, C = 32768, K_c = 32, T = 1024, GPT-2 vocabulary.
 pub fn paper_69m(cocomix: bool) -> StudentConfig {
     let d = if cocomix { 512 } else { 624 };
@@ -248,7 +248,7 @@ fn student_step(case: &str, cfg: StudentConfig, batch: usize) -> Result<serde_js
         Ok(())
     };
     step(0)?; // warm-up
-    let (n, secs) = timed(|i| step(i))?;
+    let (n, secs) = timed(step)?;
     let params: usize = s.vars().iter().map(|(_, v)| v.elem_count()).sum();
     Ok(serde_json::json!({
         "case": case, "params": params, "batch": batch, "seq_len": t,

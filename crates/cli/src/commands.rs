@@ -546,12 +546,14 @@ pub fn sae(cmd: SaeCommand) -> Result<()> {
             ];
             cocomix_trainer::pipeline::train_sae(
                 &t,
-                layer,
                 &ds,
-                cfg,
-                steps,
-                batch_tokens,
-                ctx,
+                cocomix_trainer::pipeline::SaeJob {
+                    sae: cfg,
+                    layer,
+                    steps,
+                    batch_tokens,
+                    context: ctx,
+                },
                 &out,
                 &meta,
             )?;

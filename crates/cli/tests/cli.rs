@@ -343,8 +343,24 @@ fn a_sigkilled_run_resumes_to_the_same_losses() {
     child.kill().unwrap(); // SIGKILL on Unix
     child.wait().unwrap();
     assert!(!run.join("final").exists(), "killed before the end");
+    let at_kill = newest(&run);
     run_ok(bin().args(["train", "--resume", "--config"]).arg(&cfg));
     assert_eq!(metric_losses(&run), metric_losses(&full));
+    // The run continued from the newest checkpoint the killed process left, not from step 0.
+    let resumed: Vec<u64> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["resumed_from"].as_u64()
+        })
+        .collect();
+    assert!(
+        resumed == [at_kill],
+        "resumed_from {resumed:?}, newest checkpoint at the kill {at_kill}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["resumed_from"].as_u64(), Some(resumed[0]));
     // A second call reuses every stage.
     let out = bin()
         .args(["train", "--config"])

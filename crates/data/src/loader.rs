@@ -67,7 +67,7 @@ impl TokenShard {
             start + n,
             self.len
         );
-        let bytes = &self.mmap.as_ref().map(|m| &m[..]).unwrap_or(&[])[..];
+        let bytes = self.mmap.as_ref().map(|m| &m[..]).unwrap_or(&[]);
         match self.dtype {
             TokenDtype::U16 => out.extend(
                 bytes[start * 2..(start + n) * 2]

@@ -8,7 +8,7 @@ use crate::Result;
 /// A GPT-2 (teacher, NTP or KD student, or a hub model) or a CoCoMix student.
 pub enum AnyModel {
     Gpt2(Gpt2),
-    Student(Student),
+    Student(Box<Student>),
 }
 
 impl AnyModel {
@@ -18,7 +18,7 @@ impl AnyModel {
         let is_cocomix = StudentConfig::from_file(&config).is_ok_and(|c| c.concept.is_some());
         if is_cocomix {
             let dir = config.parent().expect("config.json sits in a folder");
-            Ok(Self::Student(Student::load(dir, device)?))
+            Ok(Self::Student(Box::new(Student::load(dir, device)?)))
         } else {
             Ok(Self::Gpt2(Gpt2::load(spec, device)?))
         }

@@ -31,6 +31,12 @@ pub struct Gpt2Config {
     pub attn_pdrop: f64,
     #[serde(default = "default_true")]
     pub tie_word_embeddings: bool,
+    /// The tokenizer's begin/end-of-text ids (GPT-2: both `<|endoftext|>`), written so that
+    /// `transformers` does not fall back to GPT-2's 50256 for another vocabulary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<u32>,
 }
 
 fn default_eps() -> f64 {
@@ -72,7 +78,16 @@ impl Gpt2Config {
             embd_pdrop: default_pdrop(),
             attn_pdrop: default_pdrop(),
             tie_word_embeddings: true,
+            bos_token_id: None,
+            eos_token_id: None,
         }
+    }
+
+    /// Records the tokenizer's end-of-text id as `bos_token_id` and `eos_token_id`.
+    pub fn with_eot(mut self, eot: u32) -> Self {
+        self.bos_token_id = Some(eot);
+        self.eos_token_id = Some(eot);
+        self
     }
 
     /// Sets every dropout probability.
@@ -94,7 +109,7 @@ impl Gpt2Config {
         {
             return bad(format!("every size must be positive: {self:?}"));
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
                 "n_embd {} is not divisible by n_head {}",
                 self.n_embd, self.n_head
@@ -111,6 +126,14 @@ impl Gpt2Config {
         }
         if !self.tie_word_embeddings {
             return bad("untied LM heads are not supported (GPT-2 ties lm_head to wte)".into());
+        }
+        for id in [self.bos_token_id, self.eos_token_id].into_iter().flatten() {
+            if id as usize >= self.vocab_size {
+                return bad(format!(
+                    "special token id {id} is outside the vocabulary of {}",
+                    self.vocab_size
+                ));
+            }
         }
         for p in [self.resid_pdrop, self.embd_pdrop, self.attn_pdrop] {
             if !(0.0..1.0).contains(&p) {
@@ -488,18 +511,17 @@ impl Gpt2 {
         Ok(logits.reshape((b, s, self.cfg.vocab_size))?)
     }
 
-    /// Runs blocks `from..to` on `h [B, S, d]`, with an optional cache and hook.
+    /// Runs the blocks of `layers` on `h [B, S, d]`, with an optional cache and hook.
     pub fn run_blocks(
         &self,
         mut h: Tensor,
-        from: usize,
-        to: usize,
+        layers: std::ops::Range<usize>,
         mask: &Tensor,
         mut cache: Option<&mut KvCache>,
         hook: Option<&Hook>,
         dropout: &mut Dropout,
     ) -> Result<Tensor> {
-        for i in from..to {
+        for i in layers {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             h = self.blocks[i].forward(&h, mask, kv, dropout)?;
             if let Some(hk) = hook.filter(|hk| hk.layer == i) {
@@ -524,8 +546,7 @@ impl Gpt2 {
         let mut cache = cache;
         let h = self.run_blocks(
             h,
-            0,
-            self.blocks.len(),
+            0..self.blocks.len(),
             &mask,
             cache.as_deref_mut(),
             hook,
@@ -550,7 +571,7 @@ impl Gpt2 {
         let mask = causal_mask(t, t, 0, self.device())?;
         let mut dropout = Dropout::off();
         let h = self.embed(&ids.detach(), 0, &mut dropout)?;
-        self.run_blocks(h, 0, layer + 1, &mask, None, None, &mut dropout)
+        self.run_blocks(h, 0..layer + 1, &mask, None, None, &mut dropout)
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
@@ -582,8 +603,7 @@ impl Gpt2 {
         let mut dropout = Dropout::off();
         let h = self.run_blocks(
             x.as_tensor().clone(),
-            layer + 1,
-            self.cfg.n_layer,
+            layer + 1..self.cfg.n_layer,
             &mask,
             None,
             None,

@@ -107,7 +107,7 @@ pub enum Init {
 
 enum Source<'a> {
     File(&'a TensorFile),
-    Random(rand::rngs::StdRng),
+    Random(Box<rand::rngs::StdRng>),
 }
 
 /// Hands out a model's parameters in construction order, from a file or a seeded init.
@@ -135,7 +135,7 @@ impl<'a> Params<'a> {
     /// Fresh parameters from a seeded RNG (same seed, same weights).
     pub fn random(seed: u64, device: &Device, trainable: bool) -> Self {
         Self {
-            source: Source::Random(rand::rngs::StdRng::seed_from_u64(seed)),
+            source: Source::Random(Box::new(rand::rngs::StdRng::seed_from_u64(seed))),
             device: device.clone(),
             dtype: DType::F32,
             trainable,
@@ -165,7 +165,7 @@ impl<'a> Params<'a> {
                     Init::Normal(std) => {
                         let normal = rand_distr::Normal::new(0.0, std)
                             .map_err(|e| Error::Config(format!("{name}: init std {std}: {e}")))?;
-                        (0..n).map(|_| normal.sample(rng) as f32).collect()
+                        (0..n).map(|_| normal.sample(rng.as_mut()) as f32).collect()
                     }
                 };
                 Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?

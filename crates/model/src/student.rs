@@ -1,4 +1,4 @@
-//! The CoCoMix student (Tack et al. 2025, spec §3): a GPT-2 whose hidden state before block
+//! The CoCoMix student (Tack et al. 2025, §2; the reference release's `GPT2CoCoMixModel`, see docs/design.md): a GPT-2 whose hidden state before block
 //! `insert_layer` predicts concept logits; the top `K_c` of them are compressed into a
 //! continuous concept vector, interleaved as an extra position after each token for all
 //! later blocks. Without the concept path it is the NTP baseline (plain GPT-2).
@@ -250,7 +250,7 @@ impl Student {
             let mask = causal_mask(t, past + t, past, &dev)?;
             let h =
                 self.gpt
-                    .run_blocks(h, 0, n_layer, &mask, cache.as_deref_mut(), None, dropout)?;
+                    .run_blocks(h, 0..n_layer, &mask, cache.as_deref_mut(), None, dropout)?;
             if let Some(c) = cache {
                 c.tokens += t;
             }
@@ -263,14 +263,13 @@ impl Student {
         let mask = causal_mask(t, past + t, past, &dev)?;
         let h = self
             .gpt
-            .run_blocks(h, 0, insert, &mask, cache.as_deref_mut(), None, dropout)?;
+            .run_blocks(h, 0..insert, &mask, cache.as_deref_mut(), None, dropout)?;
         let (c, concept_logits) = cp.concept(&h, steer)?; // [B, T, d], [B, T, C]
         let h = Tensor::stack(&[&h, &c], 2)?.reshape((b, 2 * t, d))?; // [B, 2T, d]: h1, c1, h2, c2, …
         let mask2 = causal_mask(2 * t, 2 * (past + t), 2 * past, &dev)?;
         let h = self.gpt.run_blocks(
             h,
-            insert,
-            n_layer,
+            insert..n_layer,
             &mask2,
             cache.as_deref_mut(),
             None,

@@ -177,8 +177,7 @@ fn residual_grad_matches_central_finite_differences() {
         let h = m
             .run_blocks(
                 x.clone(),
-                layer + 1,
-                3,
+                layer + 1..3,
                 &mask,
                 None,
                 None,

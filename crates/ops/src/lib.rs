@@ -305,7 +305,7 @@ pub fn topk_two_stage(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     Ok((ids, vals))
 }
 
-/// CoCoMix's concept loss (spec §2.4): the mean over the `K_attr` label columns of the
+/// CoCoMix's concept loss (the reference release's loss, docs/design.md): the mean over the `K_attr` label columns of the
 /// softmax cross-entropy of the full concept logits, averaged over all `B·T` positions.
 /// `concept_logits [B, T, C]`, `labels [B, T, K_attr]` (integer ids).
 pub fn concept_loss(concept_logits: &Tensor, labels: &Tensor) -> Result<Tensor> {

@@ -1,4 +1,4 @@
-//! The TopK SAE and its exact encode/decode (spec §1.3).
+//! The TopK SAE and its exact encode/decode (OpenAI's `sparse_autoencoder` `Autoencoder`, docs/design.md).
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};

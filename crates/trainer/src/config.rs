@@ -332,7 +332,7 @@ impl RunConfig {
                 "model sizes must be positive and context ≥ 2: {m:?}"
             ));
         }
-        if m.d_model % m.n_head != 0 || m.d_model_ntp % m.n_head != 0 {
+        if !m.d_model.is_multiple_of(m.n_head) || !m.d_model_ntp.is_multiple_of(m.n_head) {
             return bad(format!(
                 "model.d_model {} and d_model_ntp {} must be divisible by n_head {}",
                 m.d_model, m.d_model_ntp, m.n_head
@@ -365,13 +365,13 @@ impl RunConfig {
                 self.sae.k, self.sae.n_latents
             ));
         }
-        if o.batch_size == 0 || o.grad_accum == 0 || o.batch_size % o.grad_accum != 0 {
+        if o.batch_size == 0 || o.grad_accum == 0 || !o.batch_size.is_multiple_of(o.grad_accum) {
             return bad(format!(
                 "optim.batch_size {} must be a positive multiple of optim.grad_accum {}",
                 o.batch_size, o.grad_accum
             ));
         }
-        if !(o.lr > 0.0) || o.min_lr < 0.0 || o.min_lr > o.lr {
+        if o.lr.is_nan() || o.lr <= 0.0 || o.min_lr < 0.0 || o.min_lr > o.lr {
             return bad(format!(
                 "need 0 ≤ optim.min_lr ≤ optim.lr and lr > 0 (lr {}, min_lr {})",
                 o.lr, o.min_lr
@@ -385,15 +385,17 @@ impl RunConfig {
         }
         if !(0.0..1.0).contains(&o.beta1)
             || !(0.0..1.0).contains(&o.beta2)
-            || !(o.eps > 0.0)
+            || o.eps.is_nan()
+            || o.eps <= 0.0
             || o.weight_decay < 0.0
-            || !(o.clip > 0.0)
+            || o.clip.is_nan()
+            || o.clip <= 0.0
         {
             return bad(format!(
                 "optim betas must be in [0, 1), eps and clip positive, weight_decay ≥ 0: {o:?}"
             ));
         }
-        if !(0.0..=1.0).contains(&self.kd.alpha) || !(self.kd.tau > 0.0) {
+        if !(0.0..=1.0).contains(&self.kd.alpha) || self.kd.tau.is_nan() || self.kd.tau <= 0.0 {
             return bad(format!(
                 "kd.alpha must be in [0, 1] and kd.tau > 0: {:?}",
                 self.kd

@@ -85,20 +85,33 @@ impl AdamW {
 
     /// One update with gradients `grads` (same order as the variables) at learning rate `lr`.
     pub fn update(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        if grads.len() != self.vars.len() {
+            return Err(Error::Other(format!(
+                "{} gradients for {} parameters",
+                grads.len(),
+                self.vars.len()
+            )));
+        }
         self.step += 1;
         let t = self.step as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
-        for i in 0..self.vars.len() {
+        for (((var, m), v), g) in self
+            .vars
+            .iter()
+            .zip(&mut self.m)
+            .zip(&mut self.v)
+            .zip(grads)
+        {
             // Detached: a gradient carries its graph, which the moments would otherwise keep.
-            let g = grads[i].detach().to_dtype(DType::F32)?;
-            self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
-            self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let denom = ((self.v[i].sqrt()? / bc2.sqrt())? + self.eps)?;
-            let p = self.vars[i].as_tensor();
+            let g = g.detach().to_dtype(DType::F32)?;
+            *m = ((&*m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
+            *v = ((&*v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let denom = ((v.sqrt()? / bc2.sqrt())? + self.eps)?;
+            let p = var.as_tensor();
             let decayed = (p * (1.0 - lr * self.weight_decay))?;
-            let next = (decayed - ((&self.m[i] / denom)? * (lr / bc1))?)?;
-            self.vars[i].set(&next.to_dtype(p.dtype())?)?;
+            let next = (decayed - ((&*m / denom)? * (lr / bc1))?)?;
+            var.set(&next.to_dtype(p.dtype())?)?;
         }
         Ok(())
     }

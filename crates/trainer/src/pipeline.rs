@@ -78,7 +78,7 @@ pub fn prepare_data(cfg: &RunConfig) -> Result<(Dataset, Tokenizer)> {
 fn student_config(
     cfg: &RunConfig,
     objective: Objective,
-    vocab: usize,
+    tok: &Tokenizer,
     n_latents: usize,
 ) -> StudentConfig {
     let m = &cfg.model;
@@ -88,8 +88,10 @@ fn student_config(
         m.d_model_ntp
     };
     StudentConfig {
-        gpt2: Gpt2Config::new(vocab, m.context, d, m.n_layer, m.n_head).with_dropout(m.dropout),
-        concept: (objective == Objective::Cocomix).then(|| ConceptConfig {
+        gpt2: Gpt2Config::new(tok.vocab_size(), m.context, d, m.n_layer, m.n_head)
+            .with_dropout(m.dropout)
+            .with_eot(tok.eot_id()),
+        concept: (objective == Objective::Cocomix).then_some(ConceptConfig {
             concept_dim: n_latents,
             concept_num: cfg.concept.concept_num,
             insert_layer_index: cfg.concept.insert_layer,
@@ -128,7 +130,8 @@ pub fn load_or_train_teacher(
                 t.n_layer,
                 t.n_head,
             )
-            .with_dropout(cfg.model.dropout),
+            .with_dropout(cfg.model.dropout)
+            .with_eot(tok.eot_id()),
             concept: None,
         };
         // What the teacher depends on (its config.toml): reused only when all of it is unchanged.
@@ -212,19 +215,36 @@ pub fn load_or_train_teacher(
     })
 }
 
-/// Trains a TopK SAE on the teacher's residual after block `layer`, streaming batches of
-/// `batch_tokens` activations from the training shard; saves it to `out` with its metrics.
+/// What [`train_sae`] trains: the SAE's own settings and where its activations come from.
+#[derive(Clone, Debug)]
+pub struct SaeJob {
+    pub sae: SaeTrainConfig,
+    /// The teacher block whose output the SAE reads.
+    pub layer: usize,
+    pub steps: u64,
+    /// Activations (tokens) per step.
+    pub batch_tokens: usize,
+    /// Length of the windows the activations are taken from.
+    pub context: usize,
+}
+
+/// Trains a TopK SAE on the teacher's residual after block `job.layer`, streaming batches of
+/// `job.batch_tokens` activations from the training shard; saves it to `out` with its
+/// metrics (`out` with the extension `.jsonl`) and `extra_meta`.
 pub fn train_sae(
     teacher: &Gpt2,
-    layer: usize,
     data: &Dataset,
-    tcfg: SaeTrainConfig,
-    steps: u64,
-    batch_tokens: usize,
-    context: usize,
+    job: SaeJob,
     out: &Path,
     extra_meta: &[(&str, String)],
 ) -> Result<Sae> {
+    let SaeJob {
+        sae: tcfg,
+        layer,
+        steps,
+        batch_tokens,
+        context,
+    } = job;
     let rows = (batch_tokens / context).max(1);
     let d = teacher.cfg.n_embd;
     let seed = tcfg.seed ^ 0x5AE;
@@ -320,17 +340,14 @@ pub fn load_or_train_sae(
                     ("teacher_sha256", teacher_sha),
                     ("steps", cfg.sae.steps.to_string()),
                 ];
-                let s = train_sae(
-                    &teacher.model,
-                    cfg.teacher.layer,
-                    data,
-                    tcfg,
-                    cfg.sae.steps,
-                    cfg.sae.batch_tokens,
-                    cfg.model.context,
-                    &path,
-                    &meta,
-                )?;
+                let job = SaeJob {
+                    sae: tcfg,
+                    layer: cfg.teacher.layer,
+                    steps: cfg.sae.steps,
+                    batch_tokens: cfg.sae.batch_tokens,
+                    context: cfg.model.context,
+                };
+                let s = train_sae(&teacher.model, data, job, &path, &meta)?;
                 (s, path)
             }
         }
@@ -486,7 +503,7 @@ pub fn run_main_job(cfg: &RunConfig, opts: &JobOptions, device: &Device) -> Resu
             }),
             _ => None,
         };
-        let student = student_config(cfg, objective, tok.vocab_size(), n_latents);
+        let student = student_config(cfg, objective, &tok, n_latents);
         let resume = opts.resume || run_dir.join("checkpoints").is_dir();
         let mut spec = base_spec(
             cfg,

@@ -16,10 +16,29 @@ fn register_font() {
     });
 }
 
-/// One curve: a name and its (step-or-tokens, value) points.
+/// One curve: a name and its (tokens, value) points.
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// Draw a marker at each point (sparse evaluations such as validation losses).
+    pub markers: bool,
+}
+
+/// A token count as people write it: 950, 12.5k, 3.2M, 20B.
+pub fn human_count(x: f64) -> String {
+    let a = x.abs();
+    let (v, unit) = if a >= 1e9 {
+        (x / 1e9, "B")
+    } else if a >= 1e6 {
+        (x / 1e6, "M")
+    } else if a >= 1e3 {
+        (x / 1e3, "k")
+    } else {
+        return format!("{x:.0}");
+    };
+    let s = format!("{v:.2}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    format!("{s}{unit}")
 }
 
 const COLORS: [RGBColor; 4] = [
@@ -62,6 +81,7 @@ pub fn plot(
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
+        .x_label_formatter(&|x| human_count(*x))
         .x_desc(x_label)
         .y_desc(y_label)
         .label_style(("sans-serif", 15))
@@ -69,8 +89,10 @@ pub fn plot(
         .map_err(|e| err(&e))?;
     for (i, s) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
+        let line = LineSeries::new(s.points.iter().copied(), c.stroke_width(2));
+        let line = if s.markers { line.point_size(4) } else { line };
         chart
-            .draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2)))
+            .draw_series(line)
             .map_err(|e| err(&e))?
             .label(s.name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(3)));
@@ -108,10 +130,12 @@ fn curves(name: &str, m: &[StepMetrics]) -> (Series, Series) {
         Series {
             name: format!("{name} train (EMA)"),
             points: smooth(&train, 0.1),
+            markers: false,
         },
         Series {
             name: format!("{name} val"),
             points: val,
+            markers: true,
         },
     )
 }

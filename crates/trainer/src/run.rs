@@ -88,6 +88,9 @@ pub struct StepMetrics {
     pub val_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub val_ppl: Option<f64>,
+    /// On the first step a resumed process ran: the checkpoint step it continued from.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub resumed_from: Option<u64>,
 }
 
 /// What a finished (or stopped) run reports.
@@ -104,6 +107,9 @@ pub struct TrainOutcome {
     pub wall_s: f64,
     pub final_dir: PathBuf,
     pub stopped_early: bool,
+    /// The checkpoint step this process continued from (`None`: it started at step 0).
+    #[serde(default)]
+    pub resumed_from: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -135,7 +141,7 @@ pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
                 .collect()
         })
         .unwrap_or_default();
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|c| std::cmp::Reverse(c.0));
     out
 }
 
@@ -165,14 +171,7 @@ fn save_model_dir(student: &Student, data: &Dataset, dst: &Path) -> Result<()> {
     if let Ok(tok) = data.tokenizer() {
         tok.save(&tmp)?;
     }
-    let old = dst.with_extension("old");
-    let _ = std::fs::remove_dir_all(&old);
-    if dst.exists() {
-        std::fs::rename(dst, &old).map_err(|e| Error::file(dst, e))?;
-    }
-    std::fs::rename(&tmp, dst).map_err(|e| Error::file(dst, e))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+    replace_dir(&tmp, dst)
 }
 
 /// Mean next-token loss over (at most `max_blocks`) validation blocks of `context` tokens.
@@ -190,7 +189,7 @@ pub fn validate(
         .collect();
     if starts.is_empty() {
         return Err(Error::file(
-            &data.val.path().to_path_buf(),
+            data.val.path(),
             format!("fewer than {} validation tokens", context + 1),
         ));
     }
@@ -340,6 +339,221 @@ fn truncate_metrics(path: &Path, upto: u64) -> Result<()> {
     Ok(())
 }
 
+/// What a checkpoint holds: the model, the optimizer and the run's counters.
+struct RunState {
+    student: Student,
+    opt: AdamW,
+    /// Optimizer steps done.
+    step: u64,
+    tokens: u64,
+    /// Wall time of earlier processes of this run.
+    wall_s: f64,
+    /// Time spent in training steps (for tokens/s).
+    train_s: f64,
+    best_val: Option<f64>,
+    /// The checkpoint step this process continued from.
+    resumed_from: Option<u64>,
+}
+
+impl RunState {
+    /// Continues from the newest valid checkpoint of the run folder when asked (a corrupt
+    /// one is skipped for the one before), else starts fresh (and clears old metrics).
+    fn resume_or_init(spec: &TrainSpec, metrics_path: &Path) -> Result<Self> {
+        let o = &spec.optim;
+        let valid = spec
+            .resume
+            .then(|| {
+                list_checkpoints(&spec.run_dir)
+                    .into_iter()
+                    .find_map(|(_, dir)| match read_valid_checkpoint(&dir) {
+                        Ok(st) => Some((st, dir)),
+                        Err(e) => {
+                            tracing::warn!("skipping checkpoint: {e}");
+                            None
+                        }
+                    })
+            })
+            .flatten();
+        let mut state = match valid {
+            Some((st, dir)) => {
+                let student = Student::load(&dir, &spec.device)?;
+                if student.cfg != spec.student {
+                    return Err(Error::file(
+                        dir.join("config.json"),
+                        "the checkpoint's model config differs from this run's",
+                    ));
+                }
+                let mut opt = AdamW::new(student.vars(), o)?;
+                opt.load_state(&dir.join("optim.safetensors"), st.step)?;
+                truncate_metrics(metrics_path, st.step)?;
+                tracing::info!("resuming {} at step {}", spec.run_dir.display(), st.step);
+                Self {
+                    student,
+                    opt,
+                    step: st.step,
+                    tokens: st.tokens,
+                    wall_s: st.wall_s,
+                    train_s: st.train_s,
+                    best_val: st.best_val,
+                    resumed_from: Some(st.step),
+                }
+            }
+            None => {
+                if spec.resume {
+                    tracing::info!(
+                        "{}: no valid checkpoint, starting fresh",
+                        spec.run_dir.display()
+                    );
+                }
+                let _ = std::fs::remove_file(metrics_path);
+                let student = Student::new(&spec.student, spec.seed, &spec.device)?;
+                let opt = AdamW::new(student.vars(), o)?;
+                Self {
+                    student,
+                    opt,
+                    step: 0,
+                    tokens: 0,
+                    wall_s: 0.0,
+                    train_s: 0.0,
+                    best_val: None,
+                    resumed_from: None,
+                }
+            }
+        };
+        state.student.set_compute_dtype(o.precision.dtype());
+        Ok(state)
+    }
+
+    /// Writes `checkpoints/step-N/` (model, optimizer, counters with the files' sha256,
+    /// `state.json` last) under a temporary name, renames it into place and prunes old ones.
+    fn checkpoint(&self, spec: &TrainSpec, wall_s: f64) -> Result<PathBuf> {
+        let dir = step_dir(&spec.run_dir, self.step);
+        let tmp = dir.with_extension("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        self.student.save(&tmp)?;
+        cocomix_model::params::save_safetensors(
+            &self.opt.state(),
+            &tmp.join("optim.safetensors"),
+            &[],
+        )?;
+        let st = CheckpointState {
+            step: self.step,
+            tokens: self.tokens,
+            wall_s,
+            train_s: self.train_s,
+            best_val: self.best_val,
+            model_sha256: cocomix_data::file_sha256(&tmp.join("model.safetensors"))?,
+            optim_sha256: cocomix_data::file_sha256(&tmp.join("optim.safetensors"))?,
+        };
+        cocomix_data::write_atomic(
+            &tmp.join("state.json"),
+            serde_json::to_string_pretty(&st)
+                .map_err(|e| Error::Other(e.to_string()))?
+                .as_bytes(),
+        )?;
+        replace_dir(&tmp, &dir)?;
+        for (_, old) in list_checkpoints(&spec.run_dir)
+            .into_iter()
+            .skip(spec.keep_last.max(1))
+        {
+            let _ = std::fs::remove_dir_all(old);
+        }
+        Ok(dir)
+    }
+}
+
+/// Loss sums of one optimizer step over its micro-batches.
+#[derive(Default)]
+struct StepLosses {
+    ntp: f64,
+    concept: Option<f64>,
+    kd: Option<f64>,
+    total: f64,
+}
+
+/// Forward and backward of every micro-batch of optimizer step `step`: the gradients summed
+/// over micro-batches (each loss divided by their number) and the summed losses.
+fn accumulate(
+    spec: &TrainSpec,
+    student: &Student,
+    step: u64,
+    last_good: Option<&Path>,
+) -> Result<(Vec<Tensor>, StepLosses)> {
+    let o = &spec.optim;
+    let rows = o.batch_size / o.grad_accum;
+    let mut acc: Option<Vec<Tensor>> = None;
+    let mut sums = StepLosses::default();
+    for micro in 0..o.grad_accum as u64 {
+        let index = step * o.grad_accum as u64 + micro;
+        let b = make_batch(spec, step, micro, rows)?;
+        let mut dropout = Dropout::seeded(spec.seed ^ index.wrapping_mul(0xD129_0A5B_3C31_4F6B));
+        let l = losses(spec, student, &b, &mut dropout)?;
+        let lt = l.total.to_scalar::<f32>()? as f64;
+        if !lt.is_finite() {
+            let keep = last_good.map_or("none yet".to_string(), |p| p.display().to_string());
+            return Err(Error::Other(format!(
+                "step {step}: the loss is {lt}; stopping. Last good checkpoint: {keep}"
+            )));
+        }
+        // Gradients are built from tracked ops: detach them, or each would keep its step's
+        // whole graph alive through the optimizer moments.
+        let grads = (l.total / o.grad_accum as f64)?.backward()?;
+        let gs: Vec<Tensor> = student
+            .vars()
+            .iter()
+            .map(|(n, v)| {
+                grads
+                    .get(v.as_tensor())
+                    .map(|g| g.detach())
+                    .ok_or_else(|| Error::Other(format!("no gradient for {n}")))
+            })
+            .collect::<Result<_>>()?;
+        acc = Some(match acc {
+            None => gs,
+            Some(a) => a
+                .iter()
+                .zip(&gs)
+                .map(|(x, y)| x + y)
+                .collect::<candle_core::Result<_>>()?,
+        });
+        sums.ntp += l.ntp;
+        sums.total += lt;
+        if let Some(c) = l.concept {
+            *sums.concept.get_or_insert(0.0) += c;
+        }
+        if let Some(k) = l.kd {
+            *sums.kd.get_or_insert(0.0) += k;
+        }
+    }
+    Ok((acc.expect("grad_accum ≥ 1"), sums))
+}
+
+/// `metrics.jsonl`, appended and flushed line by line (a killed run loses no finished step).
+struct MetricsLog {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::file(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    fn append(&mut self, m: &StepMetrics) -> Result<()> {
+        let line = serde_json::to_string(m).map_err(|e| Error::Other(e.to_string()))?;
+        writeln!(self.file, "{line}").map_err(|e| Error::file(&self.path, e))?;
+        self.file.flush().map_err(|e| Error::file(&self.path, e))
+    }
+}
+
 /// Trains a student as `spec` says; returns the outcome and writes the run folder.
 pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
     let run_dir = &spec.run_dir;
@@ -350,161 +564,55 @@ pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
     let t = spec.student.gpt2.n_positions;
     let rows = o.batch_size / o.grad_accum;
 
-    // Resume from the newest valid checkpoint, else start fresh.
-    let mut resumed: Option<(CheckpointState, PathBuf)> = None;
-    if spec.resume {
-        for (_, dir) in list_checkpoints(run_dir) {
-            match read_valid_checkpoint(&dir) {
-                Ok(st) => {
-                    resumed = Some((st, dir));
-                    break;
-                }
-                Err(e) => tracing::warn!("skipping checkpoint: {e}"),
-            }
-        }
-        if resumed.is_none() {
-            tracing::info!("{}: no valid checkpoint, starting fresh", run_dir.display());
-        }
-    }
-    let (student, mut opt, start, mut tokens, mut wall0, mut train_s, mut best_val) = match &resumed
-    {
-        Some((st, dir)) => {
-            let student = Student::load(dir, &spec.device)?;
-            if student.cfg != spec.student {
-                return Err(Error::file(
-                    dir.join("config.json"),
-                    "the checkpoint's model config differs from this run's",
-                ));
-            }
-            let mut opt = AdamW::new(student.vars(), o)?;
-            opt.load_state(&dir.join("optim.safetensors"), st.step)?;
-            truncate_metrics(&metrics_path, st.step)?;
-            tracing::info!("resuming {} at step {}", run_dir.display(), st.step);
-            (
-                student,
-                opt,
-                st.step,
-                st.tokens,
-                st.wall_s,
-                st.train_s,
-                st.best_val,
-            )
-        }
-        None => {
-            let _ = std::fs::remove_file(&metrics_path);
-            let student = Student::new(&spec.student, spec.seed, &spec.device)?;
-            let opt = AdamW::new(student.vars(), o)?;
-            (student, opt, 0, 0, 0.0, 0.0, None)
-        }
-    };
-    let mut student = student;
-    student.set_compute_dtype(o.precision.dtype());
-    let params: usize = student.vars().iter().map(|(_, v)| v.elem_count()).sum();
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| Error::file(&metrics_path, e))?;
+    let mut st = RunState::resume_or_init(spec, &metrics_path)?;
+    let params: usize = st.student.vars().iter().map(|(_, v)| v.elem_count()).sum();
+    let mut log = MetricsLog::open(&metrics_path)?;
     let began = Instant::now();
-    let bar = cocomix_data::progress_bar(o.steps, &spec.objective.to_string()).with_position(start);
+    let wall = |st: &RunState| st.wall_s + began.elapsed().as_secs_f64();
+    let bar =
+        cocomix_data::progress_bar(o.steps, &spec.objective.to_string()).with_position(st.step);
     let mut last_val = None;
     let mut stopped_early = false;
     let mut last_good = list_checkpoints(run_dir).first().map(|c| c.1.clone());
 
-    for step in start..o.steps {
+    while st.step < o.steps {
         let t0 = Instant::now();
-        let lr = lr_at(o, step);
-        let mut acc: Option<Vec<Tensor>> = None;
-        let (mut ntp, mut concept, mut kd, mut total) = (0f64, 0f64, 0f64, 0f64);
-        let (mut has_c, mut has_kd) = (false, false);
-        for micro in 0..o.grad_accum as u64 {
-            let b = make_batch(spec, step, micro, rows)?;
-            let mut dropout = Dropout::seeded(
-                spec.seed
-                    ^ (step * o.grad_accum as u64 + micro).wrapping_mul(0xD129_0A5B_3C31_4F6B),
-            );
-            let l = losses(spec, &student, &b, &mut dropout)?;
-            let lt = l.total.to_scalar::<f32>()? as f64;
-            if !lt.is_finite() {
-                let keep = last_good
-                    .as_ref()
-                    .map_or("none yet".to_string(), |p| p.display().to_string());
-                return Err(Error::Other(format!(
-                    "step {step}: the loss is {lt}; stopping. Last good checkpoint: {keep}"
-                )));
-            }
-            // Gradients are built from tracked ops: detach them, or each would keep its step's
-            // whole graph alive through the optimizer moments.
-            let grads = (l.total / o.grad_accum as f64)?.backward()?;
-            let gs: Vec<Tensor> = student
-                .vars()
-                .iter()
-                .map(|(n, v)| {
-                    grads
-                        .get(v.as_tensor())
-                        .map(|g| g.detach())
-                        .ok_or_else(|| Error::Other(format!("no gradient for {n}")))
-                })
-                .collect::<Result<_>>()?;
-            acc = Some(match acc {
-                None => gs,
-                Some(a) => a
-                    .iter()
-                    .zip(&gs)
-                    .map(|(x, y)| x + y)
-                    .collect::<candle_core::Result<_>>()?,
-            });
-            ntp += l.ntp;
-            total += lt;
-            if let Some(c) = l.concept {
-                concept += c;
-                has_c = true;
-            }
-            if let Some(k) = l.kd {
-                kd += k;
-                has_kd = true;
-            }
-        }
-        let mut grads = acc.expect("grad_accum ≥ 1");
+        let lr = lr_at(o, st.step);
+        let (mut grads, sums) = accumulate(spec, &st.student, st.step, last_good.as_deref())?;
         let grad_norm = clip_grad_norm(&mut grads, o.clip)?;
-        opt.update(&grads, lr)?;
+        st.opt.update(&grads, lr)?;
         let step_s = t0.elapsed().as_secs_f64();
-        train_s += step_s;
+        st.train_s += step_s;
         let step_tokens = (o.batch_size * t) as u64;
-        tokens += step_tokens;
+        st.tokens += step_tokens;
+        st.step += 1;
         let n = o.grad_accum as f64;
         let mut m = StepMetrics {
-            step: step + 1,
-            tokens,
+            step: st.step,
+            tokens: st.tokens,
             lr,
-            loss_ntp: ntp / n,
-            loss_concept: has_c.then_some(concept / n),
-            loss_kd: has_kd.then_some(kd / n),
-            loss: total / n,
+            loss_ntp: sums.ntp / n,
+            loss_concept: sums.concept.map(|c| c / n),
+            loss_kd: sums.kd.map(|k| k / n),
+            loss: sums.total / n,
             grad_norm,
             tokens_per_s: step_tokens as f64 / step_s,
-            wall_s: wall0 + began.elapsed().as_secs_f64(),
+            wall_s: wall(&st),
+            resumed_from: st.resumed_from.filter(|&r| r + 1 == st.step),
             ..Default::default()
         };
-        let done = step + 1;
-        if done % spec.eval_every == 0 || done == o.steps {
-            let vl = validate(&student, spec.data, t, spec.max_val_blocks, rows)?;
+        if st.step % spec.eval_every == 0 || st.step == o.steps {
+            let vl = validate(&st.student, spec.data, t, spec.max_val_blocks, rows)?;
             m.val_loss = Some(vl);
             m.val_ppl = Some(vl.exp());
             last_val = Some(vl);
-            if best_val.is_none_or(|b| vl < b) {
-                best_val = Some(vl);
-                save_model_dir(&student, spec.data, &run_dir.join("best"))?;
+            if st.best_val.is_none_or(|b| vl < b) {
+                st.best_val = Some(vl);
+                save_model_dir(&st.student, spec.data, &run_dir.join("best"))?;
             }
         }
-        writeln!(
-            metrics,
-            "{}",
-            serde_json::to_string(&m).map_err(|e| Error::Other(e.to_string()))?
-        )
-        .map_err(|e| Error::file(&metrics_path, e))?;
-        metrics.flush().map_err(|e| Error::file(&metrics_path, e))?;
-        bar.set_position(done);
+        log.append(&m)?;
+        bar.set_position(st.step);
         bar.set_message(format!(
             "loss {:.3}{} {:.0} tok/s",
             m.loss_ntp,
@@ -514,85 +622,49 @@ pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
                 .unwrap_or_default(),
             m.tokens_per_s
         ));
-        if done % spec.checkpoint_every == 0 || done == o.steps {
-            let wall = wall0 + began.elapsed().as_secs_f64();
-            last_good = Some(write_checkpoint(
-                spec, &student, &opt, done, tokens, wall, train_s, best_val,
-            )?);
+        if st.step % spec.checkpoint_every == 0 || st.step == o.steps {
+            last_good = Some(st.checkpoint(spec, wall(&st))?);
         }
-        if spec.stop_after == Some(done) && done < o.steps {
+        if spec.stop_after == Some(st.step) && st.step < o.steps {
             stopped_early = true;
             break;
         }
     }
     bar.finish_and_clear();
-    wall0 += began.elapsed().as_secs_f64();
     let final_dir = run_dir.join("final");
     if !stopped_early {
-        save_model_dir(&student, spec.data, &final_dir)?;
+        save_model_dir(&st.student, spec.data, &final_dir)?;
     }
     let val_loss = match last_val {
         Some(v) => v,
-        None => validate(&student, spec.data, t, spec.max_val_blocks, rows)?,
+        None => validate(&st.student, spec.data, t, spec.max_val_blocks, rows)?,
     };
     Ok(TrainOutcome {
         objective: spec.objective,
-        steps: if stopped_early {
-            spec.stop_after.unwrap_or(0)
-        } else {
-            o.steps
-        },
-        tokens,
+        steps: st.step,
+        tokens: st.tokens,
         params,
         val_loss,
         val_ppl: val_loss.exp(),
-        tokens_per_s: tokens as f64 / train_s.max(1e-9),
-        wall_s: wall0,
+        tokens_per_s: st.tokens as f64 / st.train_s.max(1e-9),
+        wall_s: wall(&st),
         final_dir,
         stopped_early,
+        resumed_from: st.resumed_from,
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_checkpoint(
-    spec: &TrainSpec,
-    student: &Student,
-    opt: &AdamW,
-    step: u64,
-    tokens: u64,
-    wall_s: f64,
-    train_s: f64,
-    best_val: Option<f64>,
-) -> Result<PathBuf> {
-    let dir = step_dir(&spec.run_dir, step);
-    let tmp = dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    student.save(&tmp)?;
-    cocomix_model::params::save_safetensors(&opt.state(), &tmp.join("optim.safetensors"), &[])?;
-    let st = CheckpointState {
-        step,
-        tokens,
-        wall_s,
-        train_s,
-        best_val,
-        model_sha256: cocomix_data::file_sha256(&tmp.join("model.safetensors"))?,
-        optim_sha256: cocomix_data::file_sha256(&tmp.join("optim.safetensors"))?,
-    };
-    cocomix_data::write_atomic(
-        &tmp.join("state.json"),
-        serde_json::to_string_pretty(&st)
-            .map_err(|e| Error::Other(e.to_string()))?
-            .as_bytes(),
-    )?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).map_err(|e| Error::file(&dir, e))?;
-    for (_, old) in list_checkpoints(&spec.run_dir)
-        .into_iter()
-        .skip(spec.keep_last.max(1))
-    {
-        let _ = std::fs::remove_dir_all(old);
+/// Puts the finished folder `tmp` at `dst`, replacing an older one; a reader sees either
+/// the old or the new folder (a crash between the two renames leaves `dst.old`).
+fn replace_dir(tmp: &Path, dst: &Path) -> Result<()> {
+    let old = dst.with_extension("old");
+    let _ = std::fs::remove_dir_all(&old);
+    if dst.exists() {
+        std::fs::rename(dst, &old).map_err(|e| Error::file(dst, e))?;
     }
-    Ok(dir)
+    std::fs::rename(tmp, dst).map_err(|e| Error::file(dst, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
 }
 
 /// Reads a run's `metrics.jsonl`.

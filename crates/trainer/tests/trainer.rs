@@ -187,20 +187,48 @@ fn schedule_and_clipping_match_hand_computed_values() {
 }
 
 #[test]
-fn adamw_matches_the_torch_update() {
-    // One parameter p = 1, gradient 0.5, lr 0.1, betas (0.9, 0.95), eps 1e-8, decay 0.1:
-    // m = 0.05, v = 0.0125, m̂ = 0.5, denom = √v/√(1−0.95) + eps = 0.5 + 1e-8,
-    // p = 1·(1 − 0.01) − 0.1·(0.05/0.1)/(0.5 + 1e-8) = 0.99 − 0.1.
-    let v = candle_core::Var::new(&[1f32], &DEV).unwrap();
-    let o = cfg(&[]).unwrap().optim;
-    let mut opt = AdamW::new(&[("p".into(), v.clone())], &o).unwrap();
-    opt.update(&[Tensor::new(&[0.5f32], &DEV).unwrap()], 0.1)
-        .unwrap();
-    assert!(
-        (vals(v.as_tensor())[0] - 0.89).abs() < 1e-6,
-        "{:?}",
-        vals(v.as_tensor())
-    );
+fn adamw_with_clipping_matches_three_torch_steps() {
+    // testdata/adamw/torch-3-steps.json: torch.optim.AdamW + clip_grad_norm_ on two
+    // parameters for three steps (scripts/make-adamw-fixture.py). Step 1 is clipped; the
+    // later steps test the moments' betas and the bias corrections.
+    let text = include_str!("../../../testdata/adamw/torch-3-steps.json");
+    let fx: serde_json::Value = serde_json::from_str(text).unwrap();
+    fn flat(v: &serde_json::Value) -> Vec<f32> {
+        match v {
+            serde_json::Value::Array(a) => a.iter().flat_map(flat).collect(),
+            x => vec![x.as_f64().unwrap() as f32],
+        }
+    }
+    let shapes: [&[usize]; 2] = [&[3], &[2, 2]];
+    let vars: Vec<(String, candle_core::Var)> = (0..2)
+        .map(|i| {
+            let t = Tensor::from_vec(flat(&fx["init"][i]), shapes[i], &DEV).unwrap();
+            (format!("p{i}"), candle_core::Var::from_tensor(&t).unwrap())
+        })
+        .collect();
+    let mut o = cfg(&[]).unwrap().optim;
+    (o.beta1, o.beta2, o.eps, o.weight_decay) = (0.9, 0.95, 1e-8, 0.1);
+    let mut opt = AdamW::new(&vars, &o).unwrap();
+    for (k, st) in fx["steps"].as_array().unwrap().iter().enumerate() {
+        let mut grads: Vec<Tensor> = (0..2)
+            .map(|i| Tensor::from_vec(flat(&st["grads"][i]), shapes[i], &DEV).unwrap())
+            .collect();
+        let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
+        assert!(
+            (norm - st["grad_norm"].as_f64().unwrap()).abs() < 1e-5,
+            "step {k}: norm {norm}"
+        );
+        opt.update(&grads, st["lr"].as_f64().unwrap()).unwrap();
+        for i in 0..2 {
+            let got = vals(vars[i].1.as_tensor());
+            for (g, w) in got.iter().zip(flat(&st["params"][i])) {
+                assert!(
+                    (g - w as f64).abs() < 1e-6,
+                    "step {k} p{i}: {got:?} vs torch"
+                );
+            }
+        }
+    }
 }
 
 fn tiny_data(dir: &Path) -> (Dataset, Tokenizer) {
@@ -328,8 +356,10 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
             labels(),
         );
         s.stop_after = Some(5);
-        assert!(train(&s).unwrap().stopped_early);
+        let stopped = train(&s).unwrap();
+        assert!(stopped.stopped_early && stopped.resumed_from.is_none());
         assert_eq!(cocomix_trainer::list_checkpoints(&killed)[0].0, 4);
+        let before_kill = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap();
         let mut s = spec(
             &data,
             tok.vocab_size(),
@@ -339,7 +369,20 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
             labels(),
         );
         s.resume = true;
-        train(&s).unwrap();
+        let out = train(&s).unwrap();
+        // It continued from step 4's checkpoint (a restart would report None), kept the
+        // metrics lines of steps 1–4 byte for byte (their wall-clock fields included) and
+        // marked step 5 as the first one of the resumed process.
+        assert_eq!(out.resumed_from, Some(4), "{objective}");
+        let after = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap();
+        let prefix: Vec<&str> = before_kill.lines().take(4).collect();
+        assert_eq!(after.lines().take(4).collect::<Vec<_>>(), prefix);
+        let resumed: Vec<Option<u64>> = cocomix_trainer::read_metrics(&killed)
+            .unwrap()
+            .iter()
+            .map(|m| m.resumed_from)
+            .collect();
+        assert_eq!(resumed, [None, None, None, None, Some(4), None]);
         assert_eq!(
             losses(&killed),
             losses(&full),
@@ -375,7 +418,12 @@ fn a_corrupt_checkpoint_is_skipped_and_a_nan_loss_stops_the_run() {
     let before = losses(&run);
     let mut s = spec(&data, tok.vocab_size(), &run, Objective::Ntp, None, None);
     s.resume = true;
-    train(&s).unwrap();
+    let out = train(&s).unwrap();
+    assert_eq!(
+        out.resumed_from,
+        Some(4),
+        "fell back to step 4, not to step 0"
+    );
     assert_eq!(losses(&run), before);
     // An absurd learning rate makes the loss non-finite: a clear error, checkpoints kept.
     let nan_run = dir.path().join("nan");
@@ -390,13 +438,13 @@ fn a_corrupt_checkpoint_is_skipped_and_a_nan_loss_stops_the_run() {
     s.optim.lr = 1e30;
     s.optim.min_lr = 1e29;
     s.optim.clip = 1e30;
-    let e = train(&s).err().expect("diverges").to_string();
+    let e = train(&s).expect_err("diverges").to_string();
     assert!(e.contains("loss is") && e.contains("checkpoint"), "{e}");
 }
 
 #[test]
 fn bad_configs_are_errors_before_any_work() {
-    let e = |o: &[&str]| cfg(o).err().expect("invalid").to_string();
+    let e = |o: &[&str]| cfg(o).expect_err("invalid").to_string();
     assert!(e(&["optim.lrr=1"]).contains("lrr"));
     assert!(e(&["bogus.key=1"]).contains("bogus"));
     assert!(e(&["concept.insert_layer=4"]).contains("insert_layer"));
