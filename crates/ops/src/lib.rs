@@ -1,6 +1,11 @@
 //! Tensor ops shared by the cocomix model and SAE crates, each with a correct backward
-//! pass (Candle's fused LayerNorm and `softmax_last_dim` silently cut the graph), and a
+//! pass (Candle's fused LayerNorm and `softmax_last_dim` silently cut the graph), fused CPU
+//! kernels with their own backward for the hot paths of training (causal flash attention
+//! with in-kernel dropout, LayerNorm, bias + GELU, softmax cross-entropy, AdamW), and a
 //! top-k that is fast on CPU and works on GPUs for rows of 32768.
+//!
+//! Every fused op falls back to the same computation composed from Candle ops on other
+//! devices and dtypes (see [`fused`]); the tests compare the two.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -9,8 +14,28 @@
 //! assert_eq!(idx.to_vec2::<u32>()?, vec![vec![1, 3]]); // ties: lower index first
 //! # Ok::<(), cocomix_ops::Error>(())
 //! ```
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
+
+pub mod adamw;
+mod attention;
+mod dropout;
+pub mod fused;
+mod gelu;
+mod layer_norm;
+mod simd;
+mod xent;
+
+pub use attention::{
+    causal_attention, causal_attention_composed, causal_attention_qkv, causal_mask, softmax_last,
+};
+pub use dropout::{dropout, DropoutKey};
+pub use gelu::{bias_gelu, bias_gelu_composed};
+pub use layer_norm::{
+    layer_norm_composed, unbiased_layer_norm, unbiased_layer_norm_composed, LayerNorm,
+};
+pub use simd::has_avx2_fma;
+pub use xent::{softmax_cross_entropy, softmax_cross_entropy_composed};
 
 /// Errors of the ops crate.
 #[derive(Debug, thiserror::Error)]
@@ -57,60 +82,9 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Standard LayerNorm (biased variance, eps inside the square root) from primitives.
-#[derive(Clone, Debug)]
-pub struct LayerNorm {
-    pub weight: Tensor,
-    pub bias: Tensor,
-    pub eps: f64,
-}
-
-impl Module for LayerNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mu = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mu)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
-    }
-}
-
-/// The SAE's and the CoCoMix insert block's LayerNorm: parameter-free, **unbiased** std
-/// (Bessel), eps added to the std. Returns `(x̂, mean, std)`, each differentiable.
-pub fn unbiased_layer_norm(x: &Tensor, eps: f64) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let d = x.dim(D::Minus1)?;
-    let mu = x.mean_keepdim(D::Minus1)?; // [.., 1]
-    let xc = x.broadcast_sub(&mu)?;
-    let std = (xc.sqr()?.sum_keepdim(D::Minus1)? / (d as f64 - 1.0))?.sqrt()?; // [.., 1]
-    let xn = xc.broadcast_div(&(&std + eps)?)?;
-    Ok((xn, mu, std))
-}
-
-/// Additive causal mask `[q, kv]`: query `i` (absolute position `offset + i`) sees keys
-/// `0..=offset + i`; the rest get −∞.
-pub fn causal_mask(
-    q: usize,
-    kv: usize,
-    offset: usize,
-    device: &candle_core::Device,
-) -> candle_core::Result<Tensor> {
-    let mask: Vec<f32> = (0..q)
-        .flat_map(|i| {
-            (0..kv).map(move |j| {
-                if j <= offset + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (q, kv), device)
-}
-
-/// Mean next-token cross-entropy of `logits [N, V]` against `targets [N]` (u32).
+/// Mean next-token cross-entropy of `logits [N, V]` against `targets [N]` (integer ids).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, targets)
+    softmax_cross_entropy(logits, &targets.unsqueeze(1)?)
 }
 
 /// `x @ w` for a frozen `w`: the backward pass gives `x` its gradient and computes no
@@ -311,18 +285,10 @@ pub fn topk_two_stage(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
 pub fn concept_loss(concept_logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (b, t, c) = concept_logits.dims3()?;
     let k = labels.dim(2)?;
-    let logp = candle_nn::ops::log_softmax(
-        &concept_logits.to_dtype(DType::F32)?.reshape((b * t, c))?,
-        D::Minus1,
-    )?;
-    let picked = logp.gather(
-        &labels
-            .reshape((b * t, k))?
-            .to_dtype(DType::U32)?
-            .contiguous()?,
-        1,
-    )?; // [N, K]
-    Ok(picked.mean_all()?.neg()?)
+    Ok(softmax_cross_entropy(
+        &concept_logits.reshape((b * t, c))?,
+        &labels.reshape((b * t, k))?,
+    )?)
 }
 
 /// Distillation term KL(p_teacher^τ ‖ p_student^τ), mean over every position given.

@@ -1,0 +1,171 @@
+//! Softmax cross-entropy over a wide last dimension (the vocabulary, the concepts), fused
+//! with its backward on the CPU: the forward reads each row of logits once (max, then
+//! Σ exp) and keeps one log-sum-exp per row; the backward writes `∂L/∂z` in one pass.
+//! No `[N, V]` log-probabilities are ever materialised.
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use crate::fused::{contiguous_f32, use_fused, with_host, with_host_u32};
+use crate::simd::{dispatch, exp, max, Isa, L};
+
+/// Mean over rows `n` and label columns `k` of `−log softmax(z_n)[targets[n, k]]`.
+/// `logits [N, V]` (f32 on the CPU for the fused kernel), `targets [N, K]` integer ids.
+pub fn softmax_cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let (n, _) = logits.dims2()?;
+    let (nt, _) = targets.dims2()?;
+    if n != nt {
+        candle_core::bail!("cross-entropy: {n} rows of logits but {nt} rows of targets")
+    }
+    if use_fused(&[logits]) && targets.device().is_cpu() {
+        return logits.contiguous()?.apply_op2(
+            &targets.to_dtype(DType::U32)?.contiguous()?,
+            SoftmaxXent {
+                lse: Mutex::new(Vec::new()),
+            },
+        );
+    }
+    softmax_cross_entropy_composed(logits, targets)
+}
+
+/// The same from Candle ops (other devices; test reference).
+pub fn softmax_cross_entropy_composed(
+    logits: &Tensor,
+    targets: &Tensor,
+) -> candle_core::Result<Tensor> {
+    // Half-precision logits are scored in f32; f64 stays f64 (finite-difference references).
+    let logits = match logits.dtype() {
+        DType::F64 => logits.clone(),
+        _ => logits.to_dtype(DType::F32)?,
+    };
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let picked = logp.gather(&targets.to_dtype(DType::U32)?.contiguous()?, 1)?; // [N, K]
+    picked.mean_all()?.neg()
+}
+
+struct SoftmaxXent {
+    /// log Σ exp of each row, written by the forward for the backward.
+    lse: Mutex<Vec<f32>>,
+}
+
+/// Rows per parallel task (fixed: the loss sum order never depends on scheduling).
+fn block_rows(v: usize) -> usize {
+    (65_536 / v.max(1)).max(1)
+}
+
+dispatch!(fn lse_rows(z: &[f32], v: usize, lse: &mut [f32]) = lse_body);
+
+#[inline(always)]
+fn lse_body<I: Isa>(z: &[f32], v: usize, lse: &mut [f32]) {
+    for (zr, out) in z.chunks_exact(v).zip(lse.iter_mut()) {
+        let m = max(zr);
+        let mut acc = [0f32; L];
+        let mut chunks = zr.chunks_exact(L);
+        for c in &mut chunks {
+            for l in 0..L {
+                acc[l] += exp::<I>(c[l] - m);
+            }
+        }
+        let mut s: f32 = chunks.remainder().iter().map(|&x| exp::<I>(x - m)).sum();
+        for a in acc {
+            s += a;
+        }
+        *out = m + s.ln();
+    }
+}
+
+dispatch!(fn grad_rows(z: &[f32], v: usize, lse: &[f32], scale: f32, dz: &mut [f32]) = grad_body);
+
+/// `dz = scale·K·softmax(z)` per row (the caller subtracts `scale` at each target).
+#[inline(always)]
+fn grad_body<I: Isa>(z: &[f32], v: usize, lse: &[f32], scale: f32, dz: &mut [f32]) {
+    for ((zr, dr), &l) in z.chunks_exact(v).zip(dz.chunks_exact_mut(v)).zip(lse) {
+        for j in 0..v {
+            dr[j] = scale * exp::<I>(zr[j] - l);
+        }
+    }
+}
+
+impl CustomOp2 for SoftmaxXent {
+    fn name(&self) -> &'static str {
+        "fused-softmax-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        zs: &CpuStorage,
+        zl: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let z = contiguous_f32(zs, zl, self.name())?;
+        let t = match tl.contiguous_offsets() {
+            Some((a, b)) => &ts.as_slice::<u32>()?[a..b],
+            None => candle_core::bail!("{}: targets must be contiguous", self.name()),
+        };
+        let (n, v) = zl.shape().dims2()?;
+        let k = tl.dims()[1];
+        if let Some(&bad) = t.iter().find(|&&x| x as usize >= v) {
+            candle_core::bail!("cross-entropy: target id {bad} is outside the {v} classes")
+        }
+        let mut lse = vec![0f32; n];
+        let br = block_rows(v);
+        let sums: Vec<f64> = lse
+            .par_chunks_mut(br)
+            .zip(z.par_chunks(br * v).zip(t.par_chunks(br * k.max(1))))
+            .map(|(lc, (zc, tc))| {
+                lse_rows(zc, v, lc);
+                let mut s = 0f64;
+                for (r, &l) in lc.iter().enumerate() {
+                    for &ti in &tc[r * k..(r + 1) * k] {
+                        s += (l - zc[r * v + ti as usize]) as f64;
+                    }
+                }
+                s
+            })
+            .collect();
+        let loss = sums.iter().sum::<f64>() / (n * k).max(1) as f64;
+        *self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("lse lock".into()))? = lse;
+        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        z: &Tensor,
+        t: &Tensor,
+        _loss: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, v) = z.dims2()?;
+        let k = t.dim(1)?;
+        let g = g.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let scale = g / (n * k).max(1) as f32;
+        let lse = self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("lse lock".into()))?;
+        let dz = with_host(z, self.name(), |z| {
+            with_host_u32(t, self.name(), |t| {
+                let mut dz = vec![0f32; n * v];
+                let br = block_rows(v);
+                dz.par_chunks_mut(br * v)
+                    .zip(z.par_chunks(br * v).zip(lse.par_chunks(br)))
+                    .zip(t.par_chunks(br * k.max(1)))
+                    .for_each(|((dc, (zc, lc)), tc)| {
+                        grad_rows(zc, v, lc, scale * k as f32, dc);
+                        for (r, row) in tc.chunks(k.max(1)).enumerate() {
+                            for &ti in row {
+                                dc[r * v + ti as usize] -= scale;
+                            }
+                        }
+                    });
+                dz
+            })
+        })??;
+        Ok((Some(Tensor::from_vec(dz, (n, v), z.device())?), None))
+    }
+}
