@@ -97,17 +97,9 @@ fn attribution_is_the_first_order_change_of_the_teacher_loss() {
     let layer = 0;
     let att = attribute(&t, &sae, &ids, layer).unwrap();
     let x = t.hidden_state(&ids, layer).unwrap(); // [1, 6, 16]
-    let mask = cocomix_model::ops::causal_mask(6, 6, 0, &DEV).unwrap();
     let loss = |x: &Tensor| -> f64 {
         let h = t
-            .run_blocks(
-                x.clone(),
-                layer + 1..3,
-                &mask,
-                None,
-                None,
-                &mut Dropout::off(),
-            )
+            .run_blocks(x.clone(), layer + 1..3, None, None, &mut Dropout::off())
             .unwrap();
         scalar(&cocomix_model::next_token_loss(&t.head(&h).unwrap(), &ids).unwrap()) as f64
     };

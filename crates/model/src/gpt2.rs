@@ -3,11 +3,13 @@
 //! `gelu_new`, biases everywhere, LM head tied to `wte`.
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Module, Tensor, Var, D};
-use rand::Rng;
+use candle_core::{DType, Device, Module, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::ops::{causal_mask, frozen_matmul, LayerNorm};
+pub use crate::ops::softmax_last;
+use crate::ops::{
+    bias_gelu, causal_attention, causal_attention_qkv, frozen_matmul, DropoutKey, LayerNorm,
+};
 use crate::params::{Init, Params, TensorFile};
 use crate::{Error, Result};
 
@@ -162,38 +164,47 @@ impl Gpt2Config {
     }
 }
 
-/// Dropout of one forward pass: off (inference), or on with masks drawn from an RNG seeded
-/// per step, so a run (and a resumed run) is reproducible.
+/// Dropout of one forward pass: off (inference), or on with masks that are a pure function
+/// of (seed, call site, element), so a run (and a resumed run) is reproducible whatever the
+/// thread count, and the fused attention can redraw its mask in the backward pass.
+///
+/// Call sites are numbered in forward order (embedding, then per block: attention weights,
+/// attention output, MLP output); the trainer seeds each micro-batch with (run seed, step,
+/// micro-batch).
 pub struct Dropout {
-    rng: Option<rand::rngs::StdRng>,
+    seed: Option<u64>,
+    calls: u64,
 }
 
 impl Dropout {
     /// Inference: no dropout.
     pub fn off() -> Self {
-        Self { rng: None }
-    }
-    /// Training: dropout masks drawn from an RNG seeded with `seed` (reproducible).
-    pub fn seeded(seed: u64) -> Self {
-        use rand::SeedableRng;
         Self {
-            rng: Some(rand::rngs::StdRng::seed_from_u64(seed)),
+            seed: None,
+            calls: 0,
         }
+    }
+    /// Training: dropout masks keyed by `seed` (reproducible).
+    pub fn seeded(seed: u64) -> Self {
+        Self {
+            seed: Some(seed),
+            calls: 0,
+        }
+    }
+    /// Numbers the next call site and returns its mask key (`None` when off or `p == 0`).
+    pub fn next_key(&mut self, p: f64) -> Option<DropoutKey> {
+        let call = self.calls;
+        self.calls += 1;
+        self.seed
+            .filter(|_| p > 0.0)
+            .map(|s| DropoutKey::new(s, call, p))
     }
     /// Inverted dropout with probability `p` (identity when off).
     pub fn apply(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
-        let Some(rng) = self.rng.as_mut() else {
-            return Ok(x.clone());
-        };
-        if p == 0.0 {
-            return Ok(x.clone());
-        }
-        let keep = (1.0 / (1.0 - p)) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        Ok(x.mul(&mask)?)
+        Ok(match self.next_key(p) {
+            Some(key) => crate::ops::dropout(x, key)?,
+            None => x.clone(),
+        })
     }
 }
 
@@ -233,15 +244,22 @@ impl Conv1D {
     }
 }
 
-impl Module for Conv1D {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl Conv1D {
+    /// `x @ w` without the bias: `[.., in]` → `[.., out]`.
+    pub fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let (d_in, d_out) = self.weight.dims2()?;
         let x2 = x.reshape(((), d_in))?; // [N, in]
         let y = matmul_in(&x2, &self.weight, self.compute, self.frozen)?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank ≥ 1") = d_out;
-        y.broadcast_add(&self.bias)?.reshape(out_dims)
+        y.reshape(out_dims)
+    }
+}
+
+impl Module for Conv1D {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.matmul(x)?.broadcast_add(&self.bias)
     }
 }
 
@@ -251,14 +269,6 @@ fn layer_norm(p: &mut Params, name: &str, d: usize, eps: f64) -> Result<LayerNor
         bias: p.get(&format!("{name}.bias"), &[d], Init::Zeros)?,
         eps,
     })
-}
-
-/// Softmax over the last dimension from primitives (Candle's fused one has no backward).
-/// The max is detached: softmax does not depend on it.
-pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 /// Cached keys and values of one block, `[B, H, S, head_dim]` each.
@@ -275,36 +285,40 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// `x [B, S, d]`, additive `mask [S, past + S]`; appends this call's keys and values
-    /// to `kv` when given.
+    /// Causal attention over `x [B, S, d]`; with `kv`, the queries continue the cached
+    /// positions and this call's keys and values are appended to it.
     pub fn forward(
         &self,
         x: &Tensor,
-        mask: &Tensor,
         kv: Option<&mut LayerKv>,
         dropout: &mut Dropout,
     ) -> Result<Tensor> {
         let (b, s, d) = x.dims3()?;
         let hd = d / self.n_head;
+        let scale = 1.0 / (hd as f64).sqrt();
         let qkv = self.c_attn.forward(x)?; // [B, S, 3d]
-        let heads = |i: usize| -> candle_core::Result<Tensor> {
-            qkv.narrow(2, i * d, d)?
-                .reshape((b, s, self.n_head, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        }; // [B, H, S, hd]
-        let (q, mut k, mut v) = (heads(0)?, heads(1)?, heads(2)?);
-        if let Some(kv) = kv {
-            if let Some((pk, pv)) = kv.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
+        let key = dropout.next_key(self.attn_pdrop);
+        let y = match kv {
+            // Training and full-sequence scoring: heads read from qkv in place.
+            None => causal_attention_qkv(&qkv, self.n_head, scale, key)?, // [B, S, d]
+            Some(kv) => {
+                let heads = |i: usize| -> candle_core::Result<Tensor> {
+                    qkv.narrow(2, i * d, d)?
+                        .reshape((b, s, self.n_head, hd))?
+                        .transpose(1, 2)?
+                        .contiguous()
+                }; // [B, H, S, hd]
+                let (q, mut k, mut v) = (heads(0)?, heads(1)?, heads(2)?);
+                if let Some((pk, pv)) = kv.as_ref() {
+                    k = Tensor::cat(&[pk, &k], 2)?;
+                    v = Tensor::cat(&[pv, &v], 2)?;
+                }
+                *kv = Some((k.clone(), v.clone()));
+                causal_attention(&q, &k, &v, scale, key)? // [B, H, S, hd]
+                    .transpose(1, 2)?
+                    .reshape((b, s, d))?
             }
-            *kv = Some((k.clone(), v.clone()));
-        }
-        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [B, H, S, past + S]
-        let att = softmax_last(&att.broadcast_add(mask)?)?;
-        let att = dropout.apply(&att, self.attn_pdrop)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?; // [B, S, d]
+        };
         dropout.apply(&self.c_proj.forward(&y)?, self.resid_pdrop)
     }
 }
@@ -320,7 +334,7 @@ pub struct Mlp {
 impl Mlp {
     /// `x [B, S, d]` → `[B, S, d]`, with residual dropout on the output.
     pub fn forward(&self, x: &Tensor, dropout: &mut Dropout) -> Result<Tensor> {
-        let h = self.c_fc.forward(x)?.gelu()?; // [B, S, 4d]
+        let h = bias_gelu(&self.c_fc.matmul(x)?, &self.c_fc.bias)?; // [B, S, 4d]
         dropout.apply(&self.c_proj.forward(&h)?, self.resid_pdrop)
     }
 }
@@ -363,13 +377,10 @@ impl Block {
     pub fn forward(
         &self,
         x: &Tensor,
-        mask: &Tensor,
         kv: Option<&mut LayerKv>,
         dropout: &mut Dropout,
     ) -> Result<Tensor> {
-        let x = (x + self
-            .attn
-            .forward(&self.ln_1.forward(x)?, mask, kv, dropout)?)?;
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, kv, dropout)?)?;
         Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?, dropout)?)?)
     }
 }
@@ -516,14 +527,13 @@ impl Gpt2 {
         &self,
         mut h: Tensor,
         layers: std::ops::Range<usize>,
-        mask: &Tensor,
         mut cache: Option<&mut KvCache>,
         hook: Option<&Hook>,
         dropout: &mut Dropout,
     ) -> Result<Tensor> {
         for i in layers {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            h = self.blocks[i].forward(&h, mask, kv, dropout)?;
+            h = self.blocks[i].forward(&h, kv, dropout)?;
             if let Some(hk) = hook.filter(|hk| hk.layer == i) {
                 h = hk.hook.apply(&h)?;
             }
@@ -542,16 +552,8 @@ impl Gpt2 {
         let t = ids.dim(1)?;
         let past = cache.as_ref().map_or(0, |c| c.tokens);
         let h = self.embed(ids, past, dropout)?;
-        let mask = causal_mask(t, past + t, past, self.device())?;
         let mut cache = cache;
-        let h = self.run_blocks(
-            h,
-            0..self.blocks.len(),
-            &mask,
-            cache.as_deref_mut(),
-            hook,
-            dropout,
-        )?;
+        let h = self.run_blocks(h, 0..self.blocks.len(), cache.as_deref_mut(), hook, dropout)?;
         if let Some(c) = cache {
             c.tokens += t;
         }
@@ -567,11 +569,9 @@ impl Gpt2 {
     /// `hidden_states[layer + 1]`, TransformerLens `blocks.{layer}.hook_resid_post`.
     pub fn hidden_state(&self, ids: &Tensor, layer: usize) -> Result<Tensor> {
         self.check_layer(layer)?;
-        let t = ids.dim(1)?;
-        let mask = causal_mask(t, t, 0, self.device())?;
         let mut dropout = Dropout::off();
         let h = self.embed(&ids.detach(), 0, &mut dropout)?;
-        self.run_blocks(h, 0..layer + 1, &mask, None, None, &mut dropout)
+        self.run_blocks(h, 0..layer + 1, None, None, &mut dropout)
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
@@ -599,12 +599,10 @@ impl Gpt2 {
         }
         let hidden = self.hidden_state(ids, layer)?.detach();
         let x = Var::from_tensor(&hidden)?;
-        let mask = causal_mask(t, t, 0, self.device())?;
         let mut dropout = Dropout::off();
         let h = self.run_blocks(
             x.as_tensor().clone(),
             layer + 1..self.cfg.n_layer,
-            &mask,
             None,
             None,
             &mut dropout,

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
 use crate::gpt2::{Dropout, Gpt2, Gpt2Config, KvCache};
-use crate::ops::{causal_mask, topk, unbiased_layer_norm};
+use crate::ops::{topk, unbiased_layer_norm};
 use crate::params::{save_safetensors, Init, Params, TensorFile};
 use crate::{Error, Result};
 
@@ -243,14 +243,12 @@ impl Student {
         let (b, t) = ids.dims2()?;
         let d = self.cfg.gpt2.n_embd;
         let past = cache.as_ref().map_or(0, |c| c.tokens());
-        let dev = self.device().clone();
         let h = self.gpt.embed(ids, past, dropout)?; // [B, T, d]
         let n_layer = self.cfg.gpt2.n_layer;
         let Some(cp) = &self.concept else {
-            let mask = causal_mask(t, past + t, past, &dev)?;
-            let h =
-                self.gpt
-                    .run_blocks(h, 0..n_layer, &mask, cache.as_deref_mut(), None, dropout)?;
+            let h = self
+                .gpt
+                .run_blocks(h, 0..n_layer, cache.as_deref_mut(), None, dropout)?;
             if let Some(c) = cache {
                 c.tokens += t;
             }
@@ -260,21 +258,15 @@ impl Student {
             });
         };
         let insert = cp.cfg.insert_layer_index;
-        let mask = causal_mask(t, past + t, past, &dev)?;
         let h = self
             .gpt
-            .run_blocks(h, 0..insert, &mask, cache.as_deref_mut(), None, dropout)?;
+            .run_blocks(h, 0..insert, cache.as_deref_mut(), None, dropout)?;
         let (c, concept_logits) = cp.concept(&h, steer)?; // [B, T, d], [B, T, C]
         let h = Tensor::stack(&[&h, &c], 2)?.reshape((b, 2 * t, d))?; // [B, 2T, d]: h1, c1, h2, c2, …
-        let mask2 = causal_mask(2 * t, 2 * (past + t), 2 * past, &dev)?;
-        let h = self.gpt.run_blocks(
-            h,
-            insert..n_layer,
-            &mask2,
-            cache.as_deref_mut(),
-            None,
-            dropout,
-        )?;
+                                                                      // Plain causal attention over the 2T interleaved positions.
+        let h = self
+            .gpt
+            .run_blocks(h, insert..n_layer, cache.as_deref_mut(), None, dropout)?;
         if let Some(c) = cache {
             c.tokens += t;
         }

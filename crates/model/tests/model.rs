@@ -172,17 +172,9 @@ fn residual_grad_matches_central_finite_differences() {
     let ids = Tensor::new(&[[1u32, 4, 9, 2, 7], [3, 3, 10, 0, 5]], &DEV).unwrap();
     let layer = 0;
     let rg = m.residual_grad(&ids, layer).unwrap();
-    let mask = cocomix_model::ops::causal_mask(5, 5, 0, &DEV).unwrap();
     let loss_at = |x: &Tensor| -> f64 {
         let h = m
-            .run_blocks(
-                x.clone(),
-                layer + 1..3,
-                &mask,
-                None,
-                None,
-                &mut Dropout::off(),
-            )
+            .run_blocks(x.clone(), layer + 1..3, None, None, &mut Dropout::off())
             .unwrap();
         scalar(&next_token_loss(&m.head(&h).unwrap(), &ids).unwrap()) as f64
     };
@@ -559,6 +551,47 @@ fn every_trainable_tensor_gets_a_gradient() {
                 norm > 0.0 && norm.is_finite(),
                 "{name}: gradient norm {norm}"
             );
+        }
+    }
+}
+
+#[test]
+fn fused_kernels_match_the_composed_model_with_dropout() {
+    // The whole student (and the NTP baseline), forward and backward with dropout on, once
+    // with the fused CPU kernels and once composed from Candle ops (the path of other
+    // devices): the counter-based dropout draws the same masks in both.
+    let ids = Tensor::new(&[[1u32, 5, 7, 3, 9, 2], [4, 4, 0, 11, 3, 8]], &DEV).unwrap();
+    let labels = Tensor::new(
+        &[[[1u32, 2], [3, 4], [5, 6], [7, 8], [9, 10], [11, 12]]; 2],
+        &DEV,
+    )
+    .unwrap();
+    for concept in [true, false] {
+        let mut cfg = student_cfg(concept);
+        cfg.gpt2 = cfg.gpt2.with_dropout(0.2);
+        let s = Student::new(&cfg, 3, &DEV).unwrap();
+        let run = |fused: bool| {
+            cocomix_model::ops::fused::with_fused(fused, || {
+                let out = s.forward(&ids, &mut Dropout::seeded(11)).unwrap();
+                let mut loss = next_token_loss(&out.logits, &ids).unwrap();
+                if let Some(cl) = &out.concept_logits {
+                    loss = (loss + (concept_loss(cl, &labels).unwrap() * 0.1).unwrap()).unwrap();
+                }
+                let grads = loss.backward().unwrap();
+                let gs: Vec<Tensor> = s
+                    .vars()
+                    .iter()
+                    .map(|(_, v)| grads.get(v.as_tensor()).unwrap().clone())
+                    .collect();
+                (out.logits, loss, gs)
+            })
+        };
+        let (la, lossa, ga) = run(true);
+        let (lb, lossb, gb) = run(false);
+        assert_close(&la, &lb, 1e-5, 1e-5, "logits");
+        assert_close(&lossa, &lossb, 1e-5, 1e-6, "loss");
+        for ((name, _), (a, b)) in s.vars().iter().zip(ga.iter().zip(&gb)) {
+            assert_close(a, b, 1e-3, 1e-5, &format!("gradient of {name}"));
         }
     }
 }
