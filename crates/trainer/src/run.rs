@@ -25,7 +25,7 @@ use cocomix_sae::Sae;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{clip_grad_norm, lr_at, AdamW};
+use crate::optim::{lr_at, AdamW};
 use crate::{ConceptSection, Error, KdSection, Objective, OptimSection, Result};
 
 /// Where CoCoMix labels come from.
@@ -578,9 +578,8 @@ pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
     while st.step < o.steps {
         let t0 = Instant::now();
         let lr = lr_at(o, st.step);
-        let (mut grads, sums) = accumulate(spec, &st.student, st.step, last_good.as_deref())?;
-        let grad_norm = clip_grad_norm(&mut grads, o.clip)?;
-        st.opt.update(&grads, lr)?;
+        let (grads, sums) = accumulate(spec, &st.student, st.step, last_good.as_deref())?;
+        let grad_norm = st.opt.clip_and_update(&grads, lr, o.clip)?;
         let step_s = t0.elapsed().as_secs_f64();
         st.train_s += step_s;
         let step_tokens = (o.batch_size * t) as u64;

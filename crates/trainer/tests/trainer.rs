@@ -200,34 +200,46 @@ fn adamw_with_clipping_matches_three_torch_steps() {
         }
     }
     let shapes: [&[usize]; 2] = [&[3], &[2, 2]];
-    let vars: Vec<(String, candle_core::Var)> = (0..2)
-        .map(|i| {
-            let t = Tensor::from_vec(flat(&fx["init"][i]), shapes[i], &DEV).unwrap();
-            (format!("p{i}"), candle_core::Var::from_tensor(&t).unwrap())
-        })
-        .collect();
-    let mut o = cfg(&[]).unwrap().optim;
-    (o.beta1, o.beta2, o.eps, o.weight_decay) = (0.9, 0.95, 1e-8, 0.1);
-    let mut opt = AdamW::new(&vars, &o).unwrap();
-    for (k, st) in fx["steps"].as_array().unwrap().iter().enumerate() {
-        let mut grads: Vec<Tensor> = (0..2)
-            .map(|i| Tensor::from_vec(flat(&st["grads"][i]), shapes[i], &DEV).unwrap())
-            .collect();
-        let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
-        assert!(
-            (norm - st["grad_norm"].as_f64().unwrap()).abs() < 1e-5,
-            "step {k}: norm {norm}"
-        );
-        opt.update(&grads, st["lr"].as_f64().unwrap()).unwrap();
-        for i in 0..2 {
-            let got = vals(vars[i].1.as_tensor());
-            for (g, w) in got.iter().zip(flat(&st["params"][i])) {
+    // The fused CPU update after clip_grad_norm, with the clipping inside the update's pass,
+    // and the composed update (other devices): each against torch.
+    for (fused, in_pass) in [(true, false), (true, true), (false, false)] {
+        cocomix_model::ops::fused::with_fused(fused, || {
+            let vars: Vec<(String, candle_core::Var)> = (0..2)
+                .map(|i| {
+                    let t = Tensor::from_vec(flat(&fx["init"][i]), shapes[i], &DEV).unwrap();
+                    (format!("p{i}"), candle_core::Var::from_tensor(&t).unwrap())
+                })
+                .collect();
+            let mut o = cfg(&[]).unwrap().optim;
+            (o.beta1, o.beta2, o.eps, o.weight_decay) = (0.9, 0.95, 1e-8, 0.1);
+            let mut opt = AdamW::new(&vars, &o).unwrap();
+            for (k, st) in fx["steps"].as_array().unwrap().iter().enumerate() {
+                let mut grads: Vec<Tensor> = (0..2)
+                    .map(|i| Tensor::from_vec(flat(&st["grads"][i]), shapes[i], &DEV).unwrap())
+                    .collect();
+                let lr = st["lr"].as_f64().unwrap();
+                let norm = if in_pass {
+                    opt.clip_and_update(&grads, lr, 1.0).unwrap()
+                } else {
+                    let n = clip_grad_norm(&mut grads, 1.0).unwrap();
+                    opt.update(&grads, lr).unwrap();
+                    n
+                };
                 assert!(
-                    (g - w as f64).abs() < 1e-6,
-                    "step {k} p{i}: {got:?} vs torch"
+                    (norm - st["grad_norm"].as_f64().unwrap()).abs() < 1e-5,
+                    "step {k}: norm {norm}"
                 );
+                for i in 0..2 {
+                    let got = vals(vars[i].1.as_tensor());
+                    for (g, w) in got.iter().zip(flat(&st["params"][i])) {
+                        assert!(
+                            (g - w as f64).abs() < 1e-6,
+                            "step {k} p{i} (fused {fused}, clip in pass {in_pass}): {got:?} vs torch"
+                        );
+                    }
+                }
             }
-        }
+        });
     }
 }
 
