@@ -22,6 +22,18 @@ fn tune_allocator() {
     }
 }
 
+/// Candle runs its own elementwise ops on a spinning thread pool next to rayon's (which runs
+/// gemm and the fused kernels of `cocomix-ops`); on a small CPU the extra spinning thread
+/// competes with them (measured: CoCoMix steps ~1.5x slower on 2 cores). The heavy
+/// elementwise work is fused and runs on rayon, so Candle's pool is kept to the calling
+/// thread unless `CANDLE_NUM_THREADS` is set.
+fn tune_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Called first thing in main, before any thread exists.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 /// Pretraining language models with continuous concepts (CoCoMix, Tack et al. 2025).
 #[derive(Parser)]
 #[command(name = "cocomix", version, about, long_about = None)]
@@ -129,6 +141,7 @@ fn prepare(args: PrepareArgs) -> Result<()> {
 
 fn main() {
     tune_allocator();
+    tune_threads();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::ops::softmax_last;
 use crate::ops::{
-    bias_gelu, causal_attention, causal_attention_qkv, frozen_matmul, DropoutKey, LayerNorm,
+    add_dropout, bias_add, bias_gelu, causal_attention, causal_attention_qkv, frozen_matmul,
+    DropoutKey, LayerNorm,
 };
 use crate::params::{Init, Params, TensorFile};
 use crate::{Error, Result};
@@ -259,7 +260,7 @@ impl Conv1D {
 
 impl Module for Conv1D {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.matmul(x)?.broadcast_add(&self.bias)
+        bias_add(&self.matmul(x)?, &self.bias)
     }
 }
 
@@ -285,8 +286,9 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Causal attention over `x [B, S, d]`; with `kv`, the queries continue the cached
-    /// positions and this call's keys and values are appended to it.
+    /// Causal attention over `x [B, S, d]` and its output projection (the block applies the
+    /// residual dropout, fused with the residual add); with `kv`, the queries continue the
+    /// cached positions and this call's keys and values are appended to it.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -319,7 +321,7 @@ impl Attention {
                     .reshape((b, s, d))?
             }
         };
-        dropout.apply(&self.c_proj.forward(&y)?, self.resid_pdrop)
+        Ok(self.c_proj.forward(&y)?)
     }
 }
 
@@ -332,10 +334,10 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// `x [B, S, d]` → `[B, S, d]`, with residual dropout on the output.
-    pub fn forward(&self, x: &Tensor, dropout: &mut Dropout) -> Result<Tensor> {
+    /// `x [B, S, d]` → `[B, S, d]` (the block applies the residual dropout).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = bias_gelu(&self.c_fc.matmul(x)?, &self.c_fc.bias)?; // [B, S, 4d]
-        dropout.apply(&self.c_proj.forward(&h)?, self.resid_pdrop)
+        Ok(self.c_proj.forward(&h)?)
     }
 }
 
@@ -380,8 +382,10 @@ impl Block {
         kv: Option<&mut LayerKv>,
         dropout: &mut Dropout,
     ) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, kv, dropout)?)?;
-        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?, dropout)?)?)
+        let a = self.attn.forward(&self.ln_1.forward(x)?, kv, dropout)?;
+        let x = add_dropout(x, &a, dropout.next_key(self.attn.resid_pdrop))?;
+        let m = self.mlp.forward(&self.ln_2.forward(&x)?)?;
+        Ok(add_dropout(&x, &m, dropout.next_key(self.mlp.resid_pdrop))?)
     }
 }
 

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::dropout::{DropoutKey, RowMask};
 use crate::fused::use_fused;
-use crate::simd::{dispatch, dot, exp, Isa};
+use crate::simd::{dispatch, dot, exp, Isa, L};
 
 /// Query rows per tile.
 const BR: usize = 64;
@@ -340,23 +340,36 @@ fn online_softmax_body<I: Isa>(
         } else {
             exp::<I>(m[r] - mnew)
         };
-        let mut sum = 0f32;
-        for x in sr[..valid].iter_mut() {
-            *x = exp::<I>(*x - mnew);
-            sum += *x;
-        }
+        let sum = exp_sum::<I>(&mut sr[..valid], mnew);
         sr[valid..].fill(0.0);
         l[r] = l[r] * corr + sum;
         m[r] = mnew;
         if let Some(mask) = &masks[r] {
-            for (c, x) in sr[..valid].iter_mut().enumerate() {
-                *x *= mask.at((j0 + c) as u32);
-            }
+            mask.apply(&mut sr[..valid], j0);
         }
         for x in o[r * hd..(r + 1) * hd].iter_mut() {
             *x *= corr;
         }
     }
+}
+
+/// `x ← exp(x − m)` in place; returns `Σ x` (one accumulator per lane).
+#[inline(always)]
+fn exp_sum<I: Isa>(x: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0f32; L];
+    let mut chunks = x.chunks_exact_mut(L);
+    for c in &mut chunks {
+        for l in 0..L {
+            c[l] = exp::<I>(c[l] - m);
+            acc[l] += c[l];
+        }
+    }
+    let mut sum = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp::<I>(*v - m);
+        sum += *v;
+    }
+    sum + crate::simd::sum(&acc)
 }
 
 /// The forward pass of query rows `i0..i0 + rows` of head `h` of batch `b`: writes their
@@ -447,14 +460,14 @@ fn forward(
     (o, lse)
 }
 
-dispatch!(fn softmax_grad(s: &mut [f32], dp: &mut [f32], pd: &mut [f32], rows: usize, cols: usize, pos0: usize, j0: usize, lse: &[f32], dd: &[f32], masks: &[Option<RowMask>]) = softmax_grad_body);
+dispatch!(fn softmax_grad(s: &[f32], dp: &mut [f32], pd: &mut [f32], rows: usize, cols: usize, pos0: usize, j0: usize, lse: &[f32], dd: &[f32], masks: &[Option<RowMask>]) = softmax_grad_body);
 
-/// One tile of the backward pass. In: scores `s`, `dp = dO·Vᵀ`. Out: `s` = P, `pd` = Pᵀ
-/// after dropout (`[cols, BR]`, for `dV += Pdᵀ dO`), `dp` = dS = P ⊙ (dP ⊙ Z − D).
+/// One tile of the backward pass. In: scores `s`, `dp = dO·Vᵀ` (`[rows, BC]`). Out: `pd` =
+/// P ⊙ Z (the dropped weights, for `dV += Pdᵀ dO`) and `dp` = dS = P ⊙ (dP ⊙ Z − D).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn softmax_grad_body<I: Isa>(
-    s: &mut [f32],
+    s: &[f32],
     dp: &mut [f32],
     pd: &mut [f32],
     rows: usize,
@@ -465,24 +478,23 @@ fn softmax_grad_body<I: Isa>(
     dd: &[f32],
     masks: &[Option<RowMask>],
 ) {
+    let mut z = [1f32; BC];
     for r in 0..rows {
         let valid = visible(pos0 + r, j0, cols);
-        let sr = &mut s[r * BC..r * BC + cols];
-        let dr = &mut dp[r * BC..r * BC + cols];
-        for c in 0..cols {
-            let p = if c < valid {
-                exp::<I>(sr[c] - lse[r])
-            } else {
-                0.0
-            };
-            let z = match &masks[r] {
-                Some(mask) => mask.at((j0 + c) as u32),
-                None => 1.0,
-            };
-            sr[c] = p;
-            pd[c * BR + r] = p * z;
-            dr[c] = p * I::madd(dr[c], z, -dd[r]);
+        if let Some(mask) = &masks[r] {
+            mask.fill(&mut z[..valid], j0);
         }
+        let sr = &s[r * BC..r * BC + valid];
+        let pr = &mut pd[r * BC..(r + 1) * BC];
+        let dr = &mut dp[r * BC..(r + 1) * BC];
+        let (l, d) = (lse[r], dd[r]);
+        for c in 0..valid {
+            let p = exp::<I>(sr[c] - l);
+            pr[c] = p * z[c];
+            dr[c] = p * I::madd(dr[c], z[c], -d);
+        }
+        pr[valid..cols].fill(0.0);
+        dr[valid..cols].fill(0.0);
     }
 }
 
@@ -505,7 +517,7 @@ fn backward_group(
     let offset = dims.offset();
     let mut s = vec![0f32; BR * BC];
     let mut dp = vec![0f32; BR * BC];
-    let mut pd = vec![0f32; BC * BR];
+    let mut pd = vec![0f32; BR * BC];
     for hr in 0..dims.rep() {
         let h = g * dims.rep() + hr;
         let lse = &lse_all[(b * dims.h + h) * sq..(b * dims.h + h + 1) * sq];
@@ -550,7 +562,7 @@ fn backward_group(
                     1.0,
                 );
                 softmax_grad(
-                    &mut s,
+                    &s,
                     &mut dp,
                     &mut pd,
                     rows,
@@ -567,7 +579,7 @@ fn backward_group(
                     hd,
                     (cols, hd, rows),
                     &pd,
-                    (BR, 1),
+                    (1, BC),
                     ga,
                     (gv.ss, 1),
                     true,

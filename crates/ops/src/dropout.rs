@@ -6,7 +6,7 @@
 //! seed already mixes (run seed, step, micro-batch); the row is the flattened index over
 //! all but the last dimension (for attention: batch, head, query), the column the last index
 //! (for attention: the key). A run and its resumption therefore draw identical masks.
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// One dropout call site: `p` and the 64-bit key of (seed, call).
@@ -94,6 +94,14 @@ impl RowMask {
             *o = self.at((start + j) as u32);
         }
     }
+
+    /// Multiplies columns `start..start + x.len()` by their multipliers.
+    #[inline(always)]
+    pub fn apply(&self, x: &mut [f32], start: usize) {
+        for (j, v) in x.iter_mut().enumerate() {
+            *v *= self.at((start + j) as u32);
+        }
+    }
 }
 
 /// `x ⊙ mask`, with the mask of `key` over `x` viewed as `[rows, last dim]`. The backward
@@ -102,7 +110,7 @@ pub fn dropout(x: &Tensor, key: DropoutKey) -> candle_core::Result<Tensor> {
     if key.p == 0.0 {
         return Ok(x.clone());
     }
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if crate::fused::use_fused(&[x]) {
         return x.contiguous()?.apply_op1(DropoutOp(key));
     }
     let cols = x.dims().last().copied().unwrap_or(1);

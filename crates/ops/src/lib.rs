@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 pub mod adamw;
 mod attention;
+mod bias;
 mod dropout;
 pub mod fused;
 mod gelu;
@@ -29,6 +30,7 @@ mod xent;
 pub use attention::{
     causal_attention, causal_attention_composed, causal_attention_qkv, causal_mask, softmax_last,
 };
+pub use bias::{add_dropout, bias_add};
 pub use dropout::{dropout, DropoutKey};
 pub use gelu::{bias_gelu, bias_gelu_composed};
 pub use layer_norm::{

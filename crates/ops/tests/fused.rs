@@ -4,10 +4,10 @@ use candle_core::{DType, Device, Tensor, Var};
 use cocomix_ops::adamw::{sum_squares, AdamWStep};
 use cocomix_ops::fused::with_fused;
 use cocomix_ops::{
-    bias_gelu, bias_gelu_composed, causal_attention, causal_attention_composed,
-    causal_attention_qkv, concept_loss, cross_entropy, layer_norm_composed, softmax_cross_entropy,
-    softmax_cross_entropy_composed, unbiased_layer_norm, unbiased_layer_norm_composed, DropoutKey,
-    LayerNorm,
+    add_dropout, bias_add, bias_gelu, bias_gelu_composed, causal_attention,
+    causal_attention_composed, causal_attention_qkv, concept_loss, cross_entropy,
+    layer_norm_composed, softmax_cross_entropy, softmax_cross_entropy_composed,
+    unbiased_layer_norm, unbiased_layer_norm_composed, DropoutKey, LayerNorm,
 };
 
 type R = candle_core::Result<()>;
@@ -218,6 +218,58 @@ fn bias_gelu_matches_composed_and_finite_differences() -> R {
     let y = bias_gelu(&t, &Tensor::zeros(4, DType::F32, &DEV)?)?.to_vec2::<f32>()?;
     assert_eq!(y[0][2..], [30.0, 100.0]);
     assert!(y[0][..2].iter().all(|v| v.abs() < 1e-30));
+    Ok(())
+}
+
+#[test]
+fn bias_add_and_residual_dropout_match_composed_and_finite_differences() -> R {
+    let (n, d) = (3000, 21); // several row blocks for the bias-gradient sum
+    let x = randn(&[n, d], 30);
+    let y = randn(&[n, d], 31);
+    let b = randn(&[d], 32);
+    let wy = randn(&[n, d], 33);
+    let key = DropoutKey::new(4, 7, 0.3);
+    let (xv, yv, bv) = (
+        Var::from_tensor(&x)?,
+        Var::from_tensor(&y)?,
+        Var::from_tensor(&b)?,
+    );
+    let out = add_dropout(
+        xv.as_tensor(),
+        &bias_add(yv.as_tensor(), bv.as_tensor())?,
+        Some(key),
+    )?;
+    let composed = |x: &Tensor, y: &Tensor, b: &Tensor| -> candle_core::Result<Tensor> {
+        let mask = Tensor::from_vec(key.mask(n, d), (n, d), &DEV)?.to_dtype(x.dtype())?;
+        x + y.broadcast_add(b)?.mul(&mask)?
+    };
+    assert_close("x + dropout(y + b)", &out, &composed(&x, &y, &b)?, 1e-6);
+    let g = weighted(&out, &wy)?.backward()?;
+    let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    check_grad(
+        "residual dx",
+        &|x| weighted(&composed(x, &f(&y), &f(&b))?, &wy),
+        &x.narrow(0, 0, n)?,
+        g.get(xv.as_tensor()).unwrap(),
+        97,
+    );
+    check_grad(
+        "residual dy",
+        &|y| weighted(&composed(&f(&x), y, &f(&b))?, &wy),
+        &y,
+        g.get(yv.as_tensor()).unwrap(),
+        97,
+    );
+    check_grad(
+        "bias db",
+        &|b| weighted(&composed(&f(&x), &f(&y), b)?, &wy),
+        &b,
+        g.get(bv.as_tensor()).unwrap(),
+        1,
+    );
+    // Without a key it is a plain sum.
+    let plain = add_dropout(&x, &y, None)?;
+    assert_close("x + y", &plain, &(&x + &y)?, 0.0);
     Ok(())
 }
 
