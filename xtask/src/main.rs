@@ -4,10 +4,13 @@
 //! cargo xtask train [--features cuda|metal] [ARGS...]   the main job: cocomix train ARGS
 //! cargo xtask eval RUN_DIR...                            comparison table of finished runs
 //! cargo xtask bench WHAT [--json]                        benchmarks: cocomix bench WHAT
+//! cargo xtask bench train --vs-pytorch [--small]         the train cases against PyTorch eager
 //! cargo xtask run [ARGS...]                              any cocomix subcommand
 //! ```
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
+
+mod vs_pytorch;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -22,6 +25,8 @@ fn usage() -> ! {
          train   the main job: cocomix train [--config FILE] [--set k=v] [--resume]\n\
          eval    cocomix eval runs RUN_DIR... (default: runs/default)\n\
          bench   cocomix bench WHAT [--json]  (WHAT: data, model)\n\
+         \x20       bench train --vs-pytorch [--small] [--python PY] [--threads N]: each train\n\
+         \x20       case, then the same step in PyTorch eager (scripts/bench-pytorch.py)\n\
          run     run any cocomix subcommand with the release binary"
     );
     exit(2)
@@ -91,6 +96,9 @@ fn main() {
         _ => usage(),
     };
     let bin = build(&features);
+    if sub.len() > 1 && sub[1] == "train" && sub.iter().any(|a| a == "--vs-pytorch") {
+        vs_pytorch::run(&root(), &bin, &sub[2..]);
+    }
     let status = Command::new(&bin)
         .current_dir(root())
         .args(&sub)

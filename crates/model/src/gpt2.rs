@@ -171,9 +171,12 @@ impl Gpt2Config {
 ///
 /// Call sites are numbered in forward order (embedding, then per block: attention weights,
 /// attention output, MLP output); the trainer seeds each micro-batch with (run seed, step,
-/// micro-batch).
+/// micro-batch). Dimension 0 of every dropped tensor holds the batch rows, and masks are keyed
+/// by the global row: a data-parallel rank holding rows `r0..` of a batch draws, with
+/// [`Dropout::with_row_offset`]`(r0)`, exactly the masks of those rows in the whole batch.
 pub struct Dropout {
     seed: Option<u64>,
+    row_offset: u64,
     calls: u64,
 }
 
@@ -182,15 +185,24 @@ impl Dropout {
     pub fn off() -> Self {
         Self {
             seed: None,
+            row_offset: 0,
             calls: 0,
         }
     }
-    /// Training: dropout masks keyed by `seed` (reproducible).
+    /// Training: dropout masks keyed by `seed` (reproducible), the batch's first row being
+    /// row 0.
     pub fn seeded(seed: u64) -> Self {
         Self {
             seed: Some(seed),
+            row_offset: 0,
             calls: 0,
         }
+    }
+    /// The global index of the first row of the batches this pass sees (a data-parallel
+    /// rank's slice of a global batch starts at `r0`).
+    pub fn with_row_offset(mut self, r0: u64) -> Self {
+        self.row_offset = r0;
+        self
     }
     /// Numbers the next call site and returns its mask key (`None` when off or `p == 0`).
     pub fn next_key(&mut self, p: f64) -> Option<DropoutKey> {
@@ -198,7 +210,7 @@ impl Dropout {
         self.calls += 1;
         self.seed
             .filter(|_| p > 0.0)
-            .map(|s| DropoutKey::new(s, call, p))
+            .map(|s| DropoutKey::new(s, call, p).with_batch_offset(self.row_offset))
     }
     /// Inverted dropout with probability `p` (identity when off).
     pub fn apply(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {

@@ -597,6 +597,43 @@ fn fused_kernels_match_the_composed_model_with_dropout() {
 }
 
 #[test]
+fn dropout_is_keyed_by_the_global_row_through_the_whole_student() {
+    // A data-parallel rank holding rows 1..3 of a batch, with the row offset, computes the
+    // logits the whole batch gives those rows: every dropout site (embedding, attention
+    // weights inside the fused kernel, residuals) draws the global row's mask. Fused and
+    // composed paths alike.
+    let ids = Tensor::new(
+        &[
+            [1u32, 5, 7, 3, 9, 2],
+            [4, 4, 0, 11, 3, 8],
+            [2, 6, 1, 0, 7, 5],
+        ],
+        &DEV,
+    )
+    .unwrap();
+    for concept in [true, false] {
+        let mut cfg = student_cfg(concept);
+        cfg.gpt2 = cfg.gpt2.with_dropout(0.3);
+        let s = Student::new(&cfg, 3, &DEV).unwrap();
+        for fused in [true, false] {
+            cocomix_model::ops::fused::with_fused(fused, || {
+                let full = s.forward(&ids, &mut Dropout::seeded(5)).unwrap().logits;
+                let part = ids.narrow(0, 1, 2).unwrap();
+                let rank = s
+                    .forward(&part, &mut Dropout::seeded(5).with_row_offset(1))
+                    .unwrap()
+                    .logits;
+                let want = full.narrow(0, 1, 2).unwrap();
+                assert_close(&rank, &want, 1e-5, 1e-6, "rows 1..3 with offset 1");
+                let shifted = s.forward(&part, &mut Dropout::seeded(5)).unwrap().logits;
+                let diff = scalar(&(shifted - &want).unwrap().abs().unwrap().max_all().unwrap());
+                assert!(diff > 1e-3, "without the offset the slice draws rows 0..2");
+            });
+        }
+    }
+}
+
+#[test]
 fn losses_match_their_formulas() {
     // Concept loss: mean over labels of −log softmax(z)[label].
     let z = Tensor::new(&[[[1f32, 2., 3.], [0., 0., 0.]]], &DEV).unwrap();

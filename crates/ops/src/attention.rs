@@ -59,7 +59,7 @@ pub fn causal_mask(
 /// `q [B, H, Sq, hd]`, `k`, `v` `[B, H_kv, Skv, hd]` with `H_kv` dividing `H` and `Sq ≤ Skv`:
 /// the queries are the last `Sq` positions (query `i` sees keys `0..=Skv − Sq + i`, as with a
 /// KV cache). Returns `[B, H, Sq, hd]`. The dropout mask of `(b, h, i, j)` is row
-/// `(b·H + h)·Sq + i`, column `j` of `dropout`'s mask.
+/// `(b·H + h)·Sq + i`, column `j` of `dropout`'s mask (`b` counted from its batch offset).
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -68,6 +68,7 @@ pub fn causal_attention(
     dropout: Option<DropoutKey>,
 ) -> candle_core::Result<Tensor> {
     let dims = Dims::of(q, k, v, scale)?;
+    let dropout = dropout.map(|d| d.rows_per_item(dims.h * dims.sq));
     if use_fused(&[q, k, v]) {
         let op = AttentionOp {
             dims,
@@ -89,6 +90,7 @@ pub fn causal_attention_composed(
     dropout: Option<DropoutKey>,
 ) -> candle_core::Result<Tensor> {
     let dims = Dims::of(q, k, v, scale)?;
+    let dropout = dropout.map(|d| d.rows_per_item(dims.h * dims.sq));
     let rep = dims.h / dims.hkv;
     let expand = |t: &Tensor| -> candle_core::Result<Tensor> {
         if rep == 1 {
@@ -123,6 +125,7 @@ pub fn causal_attention_qkv(
         candle_core::bail!("attention: width {d3} is not 3 × {n_head} heads")
     }
     let (d, hd) = (d3 / 3, d3 / 3 / n_head);
+    let dropout = dropout.map(|k| k.rows_per_item(n_head * s));
     if use_fused(&[qkv]) {
         let dims = Dims {
             b,

@@ -106,7 +106,7 @@ impl CustomOp2 for BiasAdd {
 
 /// The residual step `x + dropout(y)` (plain `x + y` without a key).
 pub fn add_dropout(x: &Tensor, y: &Tensor, key: Option<DropoutKey>) -> candle_core::Result<Tensor> {
-    let key = key.filter(|k| k.p > 0.0);
+    let key = key.filter(|k| k.p > 0.0).map(|k| k.for_shape(y.dims()));
     if use_fused(&[x, y]) && x.dims() == y.dims() {
         return x.contiguous()?.apply_op2(&y.contiguous()?, AddDropout(key));
     }

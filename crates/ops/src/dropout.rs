@@ -6,6 +6,10 @@
 //! seed already mixes (run seed, step, micro-batch); the row is the flattened index over
 //! all but the last dimension (for attention: batch, head, query), the column the last index
 //! (for attention: the key). A run and its resumption therefore draw identical masks.
+//!
+//! Dimension 0 holds the batch rows. A key made [`DropoutKey::with_batch_offset`]`(r0)`
+//! counts them from `r0`: a data-parallel rank holding rows `r0..` of a global batch draws
+//! exactly the masks those rows get in the whole batch.
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -15,6 +19,10 @@ pub struct DropoutKey {
     /// Drop probability in [0, 1).
     pub p: f32,
     key: u64,
+    /// Global index of the first batch row (dimension 0).
+    batch0: u64,
+    /// `batch0` in flattened rows, set by [`DropoutKey::rows_per_item`] from the shape.
+    row0: u64,
 }
 
 fn splitmix64(mut z: u64) -> u64 {
@@ -40,12 +48,38 @@ impl DropoutKey {
         Self {
             p: p as f32,
             key: splitmix64(seed ^ splitmix64(call)),
+            batch0: 0,
+            row0: 0,
         }
+    }
+
+    /// The same key with the batch rows (dimension 0) counted from `batch0`.
+    pub fn with_batch_offset(mut self, batch0: u64) -> Self {
+        self.batch0 = batch0;
+        self.row0 = 0;
+        self
+    }
+
+    /// Resolves the batch offset for a tensor whose batch rows span `n` flattened rows each
+    /// (the product of the dimensions between the first and the last). Idempotent.
+    pub(crate) fn rows_per_item(mut self, n: usize) -> Self {
+        self.row0 = self.batch0 * n as u64;
+        self
+    }
+
+    /// [`DropoutKey::rows_per_item`] for a tensor of shape `dims`.
+    pub(crate) fn for_shape(self, dims: &[usize]) -> Self {
+        let n = match dims {
+            [_, mid @ .., _] => mid.iter().product(),
+            _ => 1,
+        };
+        self.rows_per_item(n)
     }
 
     /// Per-row state: the row's two 32-bit hash keys and the drop threshold.
     #[inline(always)]
     pub(crate) fn row(&self, row: u64) -> RowMask {
+        let row = self.row0 + row;
         let k = splitmix64(self.key ^ row.wrapping_mul(0xD129_0A5B_3C31_4F6B));
         RowMask {
             lo: k as u32,
@@ -55,7 +89,8 @@ impl DropoutKey {
         }
     }
 
-    /// The `[rows, cols]` multiplier mask (0 or 1/(1−p)) as host values.
+    /// The `[rows, cols]` multiplier mask (0 or 1/(1−p)) as host values (rows counted from
+    /// the resolved batch offset).
     pub fn mask(&self, rows: usize, cols: usize) -> Vec<f32> {
         let mut out = vec![0f32; rows * cols];
         out.par_chunks_mut(cols.max(1))
@@ -110,6 +145,7 @@ pub fn dropout(x: &Tensor, key: DropoutKey) -> candle_core::Result<Tensor> {
     if key.p == 0.0 {
         return Ok(x.clone());
     }
+    let key = key.for_shape(x.dims());
     if crate::fused::use_fused(&[x]) {
         return x.contiguous()?.apply_op1(DropoutOp(key));
     }
@@ -185,6 +221,29 @@ mod tests {
         // Rows differ from each other, and a mask is a pure function of its key.
         assert_ne!(m[..1000], m[1000..2000]);
         assert_eq!(m, k.mask(64, 1000));
+    }
+
+    #[test]
+    fn a_batch_slice_with_its_offset_draws_the_whole_batch_rows_masks() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::ones((6, 3, 40), candle_core::DType::F32, &dev)?;
+        let key = DropoutKey::new(11, 0, 0.25);
+        let tail = x.narrow(0, 4, 2)?;
+        let full = dropout(&x, key)?
+            .narrow(0, 4, 2)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let sliced = dropout(&tail, key.with_batch_offset(4))?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert_eq!(sliced, full);
+        // Without the offset the slice draws rows 0 and 1 instead.
+        let unshifted = dropout(&tail, key)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_ne!(unshifted, full);
+        // The composed path (other devices) resolves the offset the same way.
+        let m = key.with_batch_offset(4).for_shape(tail.dims()).mask(6, 40);
+        assert_eq!(m, full);
+        Ok(())
     }
 
     #[test]
