@@ -194,7 +194,9 @@ pub fn tiny(cocomix: bool) -> StudentConfig {
             concept_dim: 1024,
             concept_num: 16,
             insert_layer_index: 1,
+            interleave: true,
         }),
+        pause: None,
     }
 }
 
@@ -208,7 +210,9 @@ pub fn paper_69m(cocomix: bool) -> StudentConfig {
             concept_dim: 32768,
             concept_num: 32,
             insert_layer_index: 3,
+            interleave: true,
         }),
+        pause: None,
     }
 }
 

@@ -200,17 +200,32 @@ pub fn eval(cmd: EvalCommand) -> Result<()> {
         } => {
             let mut rows: Vec<(String, cocomix_trainer::TrainOutcome)> = Vec::new();
             for dir in &runs {
-                let p = dir.join("report.json");
+                // A job folder (compare.json: every run of every seed) or one run's folder.
+                let p = [dir.join("compare.json"), dir.join("report.json")]
+                    .into_iter()
+                    .find(|p| p.is_file())
+                    .unwrap_or_else(|| dir.join("report.json"));
                 let v: serde_json::Value = serde_json::from_str(&read_text(&p)?)
                     .with_context(|| format!("parsing {}", p.display()))?;
-                let outs: Vec<serde_json::Value> = match v.get("runs") {
-                    Some(serde_json::Value::Array(a)) => a.clone(),
-                    _ => vec![v],
+                let outs: Vec<(String, serde_json::Value)> = match v.get("runs") {
+                    Some(serde_json::Value::Array(a)) => a
+                        .iter()
+                        .map(|r| {
+                            let name = format!(
+                                "{}/{} seed {}",
+                                dir.display(),
+                                r["arm"].as_str().unwrap_or_default(),
+                                r["seed"]
+                            );
+                            (name, r["outcome"].clone())
+                        })
+                        .collect(),
+                    _ => vec![(dir.display().to_string(), v)],
                 };
-                for o in outs {
+                for (name, o) in outs {
                     let o: cocomix_trainer::TrainOutcome = serde_json::from_value(o)
                         .with_context(|| format!("{}: not a run report", p.display()))?;
-                    rows.push((dir.display().to_string(), o));
+                    rows.push((name, o));
                 }
             }
             let dev = default_device()?;

@@ -36,6 +36,9 @@ enum Command {
     Prepare(PrepareArgs),
     /// Run the whole method from a config: data, teacher, SAE, labels, students, report.
     Train(TrainArgs),
+    /// Compare objectives over seeds (same batches per seed): mean ± std, paired differences
+    /// to NTP with 95% intervals, curves, token efficiency (runs/NAME/compare.{md,json,png}).
+    Compare(CompareArgs),
     /// Evaluate models (perplexity) and compare runs.
     #[command(subcommand)]
     Eval(commands::EvalCommand),
@@ -55,6 +58,8 @@ enum Command {
     Parity(parity::ParityArgs),
 }
 
+/// Re-running the same command continues an interrupted job: finished stages and runs are
+/// reused, an interrupted run resumes from its last checkpoint.
 #[derive(clap::Args)]
 struct TrainArgs {
     /// Run config (TOML).
@@ -63,22 +68,66 @@ struct TrainArgs {
     /// Override a config key, e.g. --set optim.lr=3e-4 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// Continue interrupted runs from their latest checkpoints.
+}
+
+#[derive(clap::Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Seeds per objective (run.seeds): seed, seed + 1, … of the config.
     #[arg(long)]
-    resume: bool,
+    seeds: Option<usize>,
+    /// Objectives to compare (run.objectives): ntp, kd, cocomix, predict-only, mix-only,
+    /// random-labels, pause; `cocomix@0.3` sets its own λ.
+    #[arg(long, value_delimiter = ',')]
+    objectives: Vec<cocomix_trainer::Arm>,
+    /// Add CoCoMix arms with these λ (a λ sweep), e.g. --lambdas 0.03,0.3,1.
+    #[arg(long, value_delimiter = ',')]
+    lambdas: Vec<f64>,
+}
+
+fn run_job(cfg: &cocomix_trainer::RunConfig) -> Result<()> {
+    let device = cocomix_trainer::default_device()?;
+    let dir = cocomix_trainer::pipeline::run_main_job(cfg, &device)?;
+    let path = dir.join("compare.md");
+    let report = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the report {}", path.display()))?;
+    println!("{report}");
+    eprintln!("report: {}", path.display());
+    Ok(())
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let cfg = cocomix_trainer::RunConfig::load(&args.config, &args.overrides)?;
-    let device = cocomix_trainer::default_device()?;
-    let opts = cocomix_trainer::pipeline::JobOptions {
-        resume: args.resume,
-    };
-    let dir = cocomix_trainer::pipeline::run_main_job(&cfg, &opts, &device)?;
-    let report = std::fs::read_to_string(dir.join("report.md")).context("reading the report")?;
-    println!("{report}");
-    eprintln!("report: {}", dir.join("report.md").display());
-    Ok(())
+    run_job(&cocomix_trainer::RunConfig::load(
+        &args.config,
+        &args.overrides,
+    )?)
+}
+
+fn compare(args: CompareArgs) -> Result<()> {
+    let mut overrides = args.train.overrides.clone();
+    if let Some(n) = args.seeds {
+        overrides.push(format!("run.seeds={n}"));
+    }
+    let mut arms = args.objectives.clone();
+    if !args.lambdas.is_empty() {
+        if arms.is_empty() {
+            arms = cocomix_trainer::RunConfig::load(&args.train.config, &overrides)?
+                .run
+                .objectives;
+        }
+        for l in &args.lambdas {
+            arms.push(format!("cocomix@{l}").parse()?);
+        }
+    }
+    if !arms.is_empty() {
+        let list: Vec<String> = arms.iter().map(|a| format!("\"{a}\"")).collect();
+        overrides.push(format!("run.objectives=[{}]", list.join(",")));
+    }
+    run_job(&cocomix_trainer::RunConfig::load(
+        &args.train.config,
+        &overrides,
+    )?)
 }
 
 #[derive(clap::Args)]
@@ -141,6 +190,7 @@ fn main() {
     let result = match cli.command {
         Command::Prepare(a) => prepare(a),
         Command::Train(a) => train(a),
+        Command::Compare(a) => compare(a),
         Command::Eval(c) => commands::eval(c),
         Command::Generate(a) => commands::generate(a),
         Command::Sae(c) => commands::sae(c),

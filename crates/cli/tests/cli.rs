@@ -173,7 +173,9 @@ fn generate_with_and_without_steering() {
             concept_dim: 24,
             concept_num: 4,
             insert_layer_index: 1,
+            interleave: true,
         }),
+        pause: None,
     };
     let m = dir.path().join("student");
     Student::new(&cfg, 1, &Device::Cpu)
@@ -306,15 +308,14 @@ fn a_sigkilled_run_resumes_to_the_same_losses() {
     let dir = tempfile::tempdir().unwrap();
     let full_cfg = tiny_config(dir.path(), "full");
     run_ok(bin().args(["train", "--config"]).arg(&full_cfg));
-    let full = dir.path().join("full/tiny/cocomix");
-    assert!(
-        dir.path().join("full/tiny/report.md").is_file()
-            && dir.path().join("full/tiny/loss.png").is_file()
-    );
+    let full = dir.path().join("full/tiny/cocomix/seed-3");
+    for f in ["compare.md", "compare.json", "compare.png"] {
+        assert!(dir.path().join("full/tiny").join(f).is_file(), "{f}");
+    }
 
     let cfg = tiny_config(dir.path(), "killed");
     let mut child = bin().args(["train", "--config"]).arg(&cfg).spawn().unwrap();
-    let run = dir.path().join("killed/tiny/cocomix");
+    let run = dir.path().join("killed/tiny/cocomix/seed-3");
     let t0 = std::time::Instant::now();
     // Kill -9 once the CoCoMix student has checkpointed step 10 or later.
     let newest = |run: &Path| -> u64 {
@@ -344,7 +345,8 @@ fn a_sigkilled_run_resumes_to_the_same_losses() {
     child.wait().unwrap();
     assert!(!run.join("final").exists(), "killed before the end");
     let at_kill = newest(&run);
-    run_ok(bin().args(["train", "--resume", "--config"]).arg(&cfg));
+    // The same command again continues the interrupted job.
+    run_ok(bin().args(["train", "--config"]).arg(&cfg));
     assert_eq!(metric_losses(&run), metric_losses(&full));
     // The run continued from the newest checkpoint the killed process left, not from step 0.
     let resumed: Vec<u64> = std::fs::read_to_string(run.join("metrics.jsonl"))

@@ -405,6 +405,16 @@ impl KvCache {
     pub fn tokens(&self) -> usize {
         self.tokens
     }
+
+    /// Positions cached in block `layer` (2 per token after an interleaving student's
+    /// insert layer; 0 for a block not run yet).
+    pub fn layer_len(&self, layer: usize) -> usize {
+        self.layers
+            .get(layer)
+            .and_then(|kv| kv.as_ref())
+            .and_then(|(k, _)| k.dim(2).ok())
+            .unwrap_or(0)
+    }
 }
 
 /// `x_L` and `g = ∂L/∂x_L` for the mean next-token loss `L` (see [`Gpt2::residual_grad`]).
