@@ -77,10 +77,11 @@ struct CompareArgs {
     /// Seeds per objective (run.seeds): seed, seed + 1, … of the config.
     #[arg(long)]
     seeds: Option<usize>,
-    /// Objectives to compare (run.objectives): ntp, kd, cocomix, predict-only, mix-only,
-    /// random-labels, pause; `cocomix@0.3` sets its own λ.
-    #[arg(long, value_delimiter = ',')]
-    objectives: Vec<cocomix_trainer::Arm>,
+    /// Objectives to compare (run.objectives), comma-separated: ntp, kd, cocomix,
+    /// predict-only, mix-only,
+    /// random-labels, pause; `cocomix[lambda=0.3,labels=negative]` sets its own λ and label mode.
+    #[arg(long, value_parser = cocomix_trainer::parse_arms)]
+    objectives: Option<Vec<cocomix_trainer::Arm>>,
     /// Add CoCoMix arms with these λ (a λ sweep), e.g. --lambdas 0.03,0.3,1.
     #[arg(long, value_delimiter = ',')]
     lambdas: Vec<f64>,
@@ -109,7 +110,7 @@ fn compare(args: CompareArgs) -> Result<()> {
     if let Some(n) = args.seeds {
         overrides.push(format!("run.seeds={n}"));
     }
-    let mut arms = args.objectives.clone();
+    let mut arms = args.objectives.clone().unwrap_or_default();
     if !args.lambdas.is_empty() {
         if arms.is_empty() {
             arms = cocomix_trainer::RunConfig::load(&args.train.config, &overrides)?
@@ -117,7 +118,7 @@ fn compare(args: CompareArgs) -> Result<()> {
                 .objectives;
         }
         for l in &args.lambdas {
-            arms.push(format!("cocomix@{l}").parse()?);
+            arms.push(format!("cocomix[lambda={l}]").parse()?);
         }
     }
     if !arms.is_empty() {

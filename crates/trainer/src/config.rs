@@ -190,7 +190,7 @@ pub struct RunSection {
     #[serde(default = "one")]
     pub seeds: usize,
     /// The students to train and compare, with the same token budget: objective names,
-    /// optionally with their own λ (`cocomix@0.3`).
+    /// optionally with their own λ or label mode (`cocomix[lambda=0.3,labels=negative]`).
     pub objectives: Vec<Arm>,
 }
 
@@ -199,20 +199,23 @@ fn one() -> usize {
 }
 
 /// One arm of a comparison: an objective, optionally with its own concept-loss weight λ
-/// (written `cocomix@0.3`; the config's `concept.lambda` otherwise).
+/// and label mode, written `cocomix[lambda=0.3]`, `cocomix[labels=negative]` or
+/// `cocomix[lambda=0.3,labels=activation]` (the config's `[concept]` values otherwise).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Arm {
     pub objective: Objective,
     pub lambda: Option<f64>,
+    pub label_mode: Option<cocomix_attribution::LabelMode>,
 }
 
 impl Arm {
-    /// An arm with the config's λ.
+    /// An arm with the config's λ and label mode.
     pub fn new(objective: Objective) -> Self {
         Self {
             objective,
             lambda: None,
+            label_mode: None,
         }
     }
 
@@ -220,40 +223,85 @@ impl Arm {
     pub fn lambda(&self, cfg: &ConceptSection) -> f64 {
         self.lambda.unwrap_or(cfg.lambda)
     }
+
+    /// The label mode this arm's labels are chosen with.
+    pub fn label_mode(&self, cfg: &ConceptSection) -> cocomix_attribution::LabelMode {
+        self.label_mode.unwrap_or(cfg.label_mode)
+    }
 }
 
 impl std::fmt::Display for Arm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.lambda {
-            None => write!(f, "{}", self.objective),
-            Some(l) => write!(f, "{}@{l}", self.objective),
+        write!(f, "{}", self.objective)?;
+        let mut opts = Vec::new();
+        if let Some(l) = self.lambda {
+            opts.push(format!("lambda={l}"));
         }
+        if let Some(m) = self.label_mode {
+            opts.push(format!("labels={m}"));
+        }
+        if !opts.is_empty() {
+            write!(f, "[{}]", opts.join(","))?;
+        }
+        Ok(())
     }
 }
 
 impl std::str::FromStr for Arm {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        let (name, lambda) = match s.split_once('@') {
-            None => (s, None),
-            Some((n, l)) => {
-                let l: f64 = l.parse().map_err(|_| {
-                    Error::Config(format!("objective {s:?}: λ after '@' must be a number"))
-                })?;
-                if !(l >= 0.0 && l.is_finite()) {
-                    return Err(Error::Config(format!("objective {s:?}: λ must be ≥ 0")));
-                }
-                (n, Some(l))
-            }
+        let bad = |why: &str| Error::Config(format!("objective {s:?}: {why}"));
+        let (name, opts) = match s.split_once('[') {
+            None => (s, ""),
+            Some((n, rest)) => (
+                n,
+                rest.strip_suffix(']')
+                    .ok_or_else(|| bad("options go in brackets: cocomix[lambda=0.3]"))?,
+            ),
         };
-        let objective: Objective = name.trim().parse()?;
-        if lambda.is_some() && !objective.needs_labels() {
-            return Err(Error::Config(format!(
-                "objective {s:?}: only objectives with a concept loss take a λ"
-            )));
+        let mut arm = Arm::new(name.trim().parse()?);
+        for opt in opts.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            match opt.split_once('=') {
+                Some(("lambda", v)) => {
+                    let l: f64 = v.parse().map_err(|_| bad("lambda must be a number"))?;
+                    if !(l >= 0.0 && l.is_finite()) {
+                        return Err(bad("lambda must be ≥ 0"));
+                    }
+                    arm.lambda = Some(l);
+                }
+                Some(("labels", v)) => {
+                    arm.label_mode = Some(v.parse().map_err(|e| bad(&format!("{e}")))?);
+                }
+                _ => return Err(bad("options are lambda=<number> and labels=<label mode>")),
+            }
         }
-        Ok(Self { objective, lambda })
+        if (arm.lambda.is_some() || arm.label_mode.is_some()) && !arm.objective.needs_labels() {
+            return Err(bad(
+                "only objectives trained on concept labels take lambda or labels",
+            ));
+        }
+        Ok(arm)
     }
+}
+
+/// Arms separated by commas outside brackets: `ntp,cocomix[lambda=0.3,labels=negative],kd`.
+pub fn parse_arms(s: &str) -> Result<Vec<Arm>> {
+    let (mut out, mut depth, mut start) = (Vec::new(), 0i32, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(s[start..i].trim().parse()?);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if !s[start..].trim().is_empty() {
+        out.push(s[start..].trim().parse()?);
+    }
+    Ok(out)
 }
 
 impl TryFrom<String> for Arm {
@@ -473,6 +521,7 @@ impl RunConfig {
         c.run.seeds = 1;
         c.run.objectives = vec![Arm::new(arm.objective)];
         c.concept.lambda = arm.lambda(&self.concept);
+        c.concept.label_mode = arm.label_mode(&self.concept);
         c
     }
 

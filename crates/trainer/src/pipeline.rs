@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use cocomix_attribution::{LabelCache, LabelCacheSpec, LabelChoice};
+use cocomix_attribution::{LabelCache, LabelCacheSpec, LabelChoice, LabelMode};
 use cocomix_data::{Dataset, PrepareOptions, Tokenizer};
 use cocomix_model::{ConceptConfig, Gpt2, Gpt2Config, PauseConfig, StudentConfig};
 use cocomix_sae::{Sae, SaeTrainConfig, SaeTrainer};
@@ -458,7 +458,8 @@ pub struct Shared {
     pub teacher: Option<Teacher>,
     /// The SAE and its file.
     pub sae: Option<(Sae, PathBuf)>,
-    pub cache: Option<LabelCache>,
+    /// One label cache per label mode the arms use (with `concept.labels = "cache"`).
+    pub caches: Vec<(LabelMode, LabelCache)>,
 }
 
 impl Shared {
@@ -481,28 +482,39 @@ impl Shared {
             }
             _ => None,
         };
-        let cache = match (&teacher, &sae) {
-            (Some(t), Some((s, p))) if cfg.concept.labels == LabelSource::Cache => {
+        let mut caches = Vec::new();
+        if let (Some(t), Some((s, p))) = (&teacher, &sae) {
+            if cfg.concept.labels == LabelSource::Cache {
                 stage(4, "label cache");
-                let spec = cache_spec(cfg, t, p, s, &data)?;
-                let dir = LabelCache::path_for(&cfg.data.dir, &spec);
-                Some(LabelCache::build(
-                    &t.model,
-                    s,
-                    &spec,
-                    &data.train,
-                    &dir,
-                    (cfg.optim.batch_size / cfg.optim.grad_accum).max(1),
-                )?)
+                let mut modes: Vec<LabelMode> = arms
+                    .iter()
+                    .filter(|a| a.objective.needs_labels())
+                    .map(|a| a.label_mode(&cfg.concept))
+                    .collect();
+                modes.sort();
+                modes.dedup();
+                for mode in modes {
+                    let mut spec = cache_spec(cfg, t, p, s, &data)?;
+                    spec.mode = mode;
+                    let dir = LabelCache::path_for(&cfg.data.dir, &spec);
+                    let cache = LabelCache::build(
+                        &t.model,
+                        s,
+                        &spec,
+                        &data.train,
+                        &dir,
+                        (cfg.optim.batch_size / cfg.optim.grad_accum).max(1),
+                    )?;
+                    caches.push((mode, cache));
+                }
             }
-            _ => None,
-        };
+        }
         Ok(Self {
             data,
             tok,
             teacher,
             sae,
-            cache,
+            caches,
         })
     }
 
@@ -557,12 +569,14 @@ pub fn train_student(
         }
     }
     let objective = arm.objective;
-    let labels = match (objective.needs_labels(), &shared.cache, &shared.sae) {
+    let mode = arm.label_mode(&cfg.concept);
+    let cache = shared.caches.iter().find(|c| c.0 == mode).map(|c| &c.1);
+    let labels = match (objective.needs_labels(), cache, &shared.sae) {
         (true, Some(c), _) => Some(Labels::Cache(c)),
         (true, None, Some((s, _))) => Some(Labels::Online {
             sae: s,
             layer: cfg.teacher.layer,
-            mode: cfg.concept.label_mode,
+            mode,
         }),
         _ => None,
     };
@@ -585,8 +599,9 @@ pub fn train_student(
         labels,
         resume,
     );
-    // With a label cache, every student samples its windows: the same batches for all.
-    spec.aligned_windows = shared.cache.as_ref().map(|c| c.n_windows());
+    // With label caches, every student samples their aligned windows: the same batches for
+    // all (caches of one job cover the same windows).
+    spec.aligned_windows = shared.caches.first().map(|c| c.1.n_windows());
     let out = train(&spec)?;
     write_run_report(&dir, &out)?;
     tracing::info!(

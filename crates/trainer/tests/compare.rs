@@ -44,18 +44,32 @@ fn interval_maths_on_hand_made_numbers() {
 
 #[test]
 fn arms_parse_and_bad_ones_are_refused() {
-    let a: Arm = "cocomix@0.3".parse().unwrap();
+    let a: Arm = "cocomix[lambda=0.3, labels=negative]".parse().unwrap();
     assert_eq!(
-        (a.objective, a.lambda, a.to_string()),
-        (Objective::Cocomix, Some(0.3), "cocomix@0.3".into())
+        (a.objective, a.lambda, a.label_mode, a.to_string()),
+        (
+            Objective::Cocomix,
+            Some(0.3),
+            Some(cocomix_attribution::LabelMode::Negative),
+            "cocomix[lambda=0.3,labels=negative]".into()
+        )
+    );
+    assert_eq!(a.to_string().parse::<Arm>().unwrap(), a, "round trip");
+    let arms = cocomix_trainer::parse_arms("ntp, cocomix[lambda=1,labels=magnitude],kd").unwrap();
+    assert_eq!(
+        arms.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        ["ntp", "cocomix[lambda=1,labels=magnitude]", "kd"]
     );
     for o in Objective::ALL {
         assert_eq!(o.name().parse::<Objective>().unwrap(), o);
     }
     let e = |s: &str| s.parse::<Arm>().unwrap_err().to_string();
-    assert!(e("ntp@0.1").contains("λ"));
-    assert!(e("cocomix@x").contains("number"));
-    assert!(e("cocomix@-1").contains("≥ 0"));
+    assert!(e("ntp[lambda=0.1]").contains("only objectives trained on concept labels"));
+    assert!(e("cocomix[lambda=x]").contains("number"));
+    assert!(e("cocomix[lambda=-1]").contains("≥ 0"));
+    assert!(e("cocomix[labels=best]").contains("label mode"));
+    assert!(e("cocomix[lambda=1").contains("brackets"));
+    assert!(e("cocomix[depth=3]").contains("options are"));
     assert!(e("nope").contains("unknown objective"));
     let cfg = |o: &[&str]| {
         RunConfig::from_toml(
