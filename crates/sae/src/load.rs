@@ -402,7 +402,7 @@ fn download(url: &str) -> Result<PathBuf> {
 /// Loads what [`resolve`] found (on the CPU).
 pub(crate) fn load_resolved(resolved: &Resolved) -> Result<Sae> {
     match resolved {
-        Resolved::File(path) => load_file(path),
+        Resolved::File(path) => Ok(load_file(path)?.with_files(vec![path.clone()])),
         Resolved::Folder(files) => {
             let sae = match files.format {
                 Format::SaeLens => saelens::load(files)?,

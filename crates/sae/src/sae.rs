@@ -249,7 +249,7 @@ impl Sae {
         }
         Ok(Self {
             parts,
-            files: vec![source.clone()],
+            files: Vec::new(),
             source,
         })
     }
@@ -304,9 +304,9 @@ impl Sae {
         &self.source
     }
 
-    /// The local files it was read from, weights first (a folder SAE adds its `cfg.json`
-    /// and, for SAELens' `expected_average_only_in`, its `activation_scaler.json`): what
-    /// identifies it, e.g. for hashing.
+    /// The local files it was loaded from, weights first (a folder SAE adds its `cfg.json`
+    /// and, when present, SAELens' `activation_scaler.json`): what identifies it, e.g. for
+    /// hashing. Empty for an SAE built in memory.
     pub fn files(&self) -> &[PathBuf] {
         &self.files
     }

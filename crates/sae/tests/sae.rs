@@ -28,6 +28,7 @@ fn golden_pt_and_safetensors_encode_and_decode() {
     let x = exp["teacher_hidden"].reshape((32, 48)).unwrap();
     for file in ["sae.pt", "sae.safetensors"] {
         let sae = Sae::load(golden_dir().join(file).to_str().unwrap(), &DEV).unwrap();
+        assert_eq!(sae.files(), [golden_dir().join(file)]);
         assert_eq!(
             (sae.d_model(), sae.n_latents(), top_k(&sae)),
             (48, 256, 8),
