@@ -711,12 +711,10 @@ pub fn labels(cmd: LabelsCommand) -> Result<()> {
             t.cfg.n_positions
         );
     }
-    let sae_path = cocomix_sae_path(&sae)?;
     let spec = LabelCacheSpec::new(
         &teacher,
         &cocomix_model::gpt2::resolve_model_files(&teacher)?.1,
-        &sae_path,
-        s.n_latents(),
+        &s,
         ds.meta(),
         LabelChoice {
             layer,
@@ -734,13 +732,4 @@ pub fn labels(cmd: LabelsCommand) -> Result<()> {
         cache.n_windows()
     );
     Ok(())
-}
-
-fn cocomix_sae_path(spec: &str) -> Result<PathBuf> {
-    let p = PathBuf::from(spec);
-    if p.is_file() {
-        Ok(p)
-    } else {
-        bail!("{spec}: labels build needs a local SAE file (its hash identifies the cache)")
-    }
 }

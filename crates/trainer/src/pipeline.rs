@@ -394,15 +394,13 @@ fn safetensors_meta(path: &Path) -> Option<std::collections::HashMap<String, Str
 pub fn cache_spec(
     cfg: &RunConfig,
     teacher: &Teacher,
-    sae_path: &Path,
     sae: &Sae,
     data: &Dataset,
 ) -> Result<LabelCacheSpec> {
     Ok(LabelCacheSpec::new(
         &teacher.name,
         &teacher.weights,
-        sae_path,
-        sae.n_latents(),
+        sae,
         data.meta(),
         LabelChoice {
             layer: cfg.teacher.layer,
@@ -483,7 +481,7 @@ impl Shared {
             _ => None,
         };
         let mut caches = Vec::new();
-        if let (Some(t), Some((s, p))) = (&teacher, &sae) {
+        if let (Some(t), Some((s, _))) = (&teacher, &sae) {
             if cfg.concept.labels == LabelSource::Cache {
                 stage(4, "label cache");
                 let mut modes: Vec<LabelMode> = arms
@@ -494,7 +492,7 @@ impl Shared {
                 modes.sort();
                 modes.dedup();
                 for mode in modes {
-                    let mut spec = cache_spec(cfg, t, p, s, &data)?;
+                    let mut spec = cache_spec(cfg, t, s, &data)?;
                     spec.mode = mode;
                     let dir = LabelCache::path_for(&cfg.data.dir, &spec);
                     let cache = LabelCache::build(
