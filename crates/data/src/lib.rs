@@ -10,16 +10,24 @@
 //! let batch = data.train_batch(4, 128, 22, 0)?; // [4, 129] token windows
 //! # Ok::<(), cocomix_data::Error>(())
 //! ```
+pub mod bench;
+mod corpus;
 mod error;
+mod hub;
 mod loader;
 mod prepare;
 mod progress;
+mod split;
 mod tokenizer;
 
+pub use corpus::{
+    Compression, Corpus, CorpusFile, FileStats, Format, ACCEPTED_FORMATS, DEFAULT_FIELD,
+};
 pub use error::{Error, Result};
 pub use loader::{Dataset, TokenShard};
 pub use prepare::{
     prepare, read_documents, source_hashes, DataMeta, PrepareOptions, SourceFile, TokenDtype,
+    PROGRESS_FILE,
 };
 pub use progress::{progress_bar, progress_bar_bytes};
 pub use tokenizer::Tokenizer;
