@@ -6,13 +6,20 @@ pub enum Error {
     /// Reading or writing `path` failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file or folder.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
     /// `path` holds something it should not (bad format, wrong shape, mismatch).
     #[error("{path}: {reason}")]
-    Invalid { path: PathBuf, reason: String },
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The tokenizer refused its input or could not be built.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -25,8 +32,11 @@ pub enum Error {
          the same inputs to continue"
     )]
     Stopped {
+        /// The output folder holding the checkpoint.
         dir: PathBuf,
+        /// Source files finished.
         done: usize,
+        /// Source files in all.
         total: usize,
     },
 }

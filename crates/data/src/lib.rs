@@ -1,9 +1,10 @@
-//! Data side of cocomix: the tokenizer, turning text into token shards, and reading them.
+//! Data side of cocomix: the tokenizer, turning corpora (Parquet, JSON Lines and text files,
+//! gzip or zstd, folders, globs, Hugging Face datasets) into token shards, and reading them.
 //!
 //! ```no_run
 //! use cocomix_data::{prepare, Dataset, PrepareOptions, Tokenizer};
 //! let tok = Tokenizer::gpt2()?;
-//! let opts = PrepareOptions::new(vec!["corpus/".into()], "data/corpus".into());
+//! let opts = PrepareOptions::new(vec!["corpus/*.parquet".into()], "data/corpus".into());
 //! prepare(&opts, &tok)?;
 //! let data = Dataset::open("data/corpus")?;
 //! data.check_tokenizer(&tok)?;
