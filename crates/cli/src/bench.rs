@@ -36,7 +36,8 @@ pub struct BenchArgs {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum What {
-    /// Tokenization MB/s and tokens/s, shard read tokens/s.
+    /// Tokenization MB/s and tokens/s, shard read tokens/s; prepare per format (Parquet,
+    /// zstd JSONL, text files).
     Data,
     /// Student forward+backward and teacher residual_grad tokens/s.
     Model,
@@ -77,7 +78,7 @@ fn cases(what: What, small: bool) -> Vec<&'static str> {
         What::Eval => &[],
     };
     let base: &[&str] = match what {
-        What::Data => &["data"],
+        What::Data => &["data", "data-parquet", "data-jsonl-zst", "data-text"],
         What::Model => &["tiny-ntp", "tiny-cocomix"],
         What::Sae => &["sae-encode-768x32768"],
         What::Attribution => &[],
@@ -170,6 +171,7 @@ fn threads() -> usize {
 fn run_case(case: &str, args: &BenchArgs) -> Result<serde_json::Value> {
     match case {
         "data" => data(&args.corpus),
+        c if c.starts_with("data-") => data_format(c, &args.corpus),
         "tiny-ntp" => student_step(case, tiny(false), 16),
         "tiny-cocomix" => student_step(case, tiny(true), 16),
         "69m-ntp" => student_step(case, paper_69m(false), 1),
@@ -310,6 +312,22 @@ fn data(corpus: &std::path::Path) -> Result<serde_json::Value> {
         "tokenize_mb_per_s": bytes as f64 / 1e6 / prep_s, "tokenize_tokens_per_s": tokens as f64 / prep_s,
         "shard_read_tokens_per_s": read as f64 / read_s,
     }))
+}
+
+/// `cocomix prepare` throughput on the corpus written as Parquet, zstd JSONL or text files.
+fn data_format(case: &str, corpus: &std::path::Path) -> Result<serde_json::Value> {
+    use cocomix_data::bench::{prepare_throughput, BenchFormat};
+    let format = case
+        .strip_prefix("data-")
+        .and_then(BenchFormat::from_name)
+        .with_context(|| format!("unknown bench case {case}"))?;
+    let docs = cocomix_data::read_documents(&[corpus.to_path_buf()])?;
+    let dir = std::env::temp_dir().join(format!("cocomix-bench-{}", std::process::id()));
+    let result = prepare_throughput(format, &docs, &dir, &cocomix_data::Tokenizer::gpt2()?);
+    std::fs::remove_dir_all(&dir).ok();
+    let mut v = serde_json::to_value(result?)?;
+    v["case"] = case.into();
+    Ok(v)
 }
 
 fn random_sae(d: usize, c: usize, k: usize) -> Result<cocomix_sae::Sae> {

@@ -32,7 +32,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Tokenize text files, folders and JSONL (field `text`) into train.bin / val.bin shards.
+    /// Tokenize Parquet, JSONL (.gz/.zst), text files, folders, globs and hf:// datasets into
+    /// train.bin / val.bin shards.
     Prepare(PrepareArgs),
     /// Run the whole method from a config: data, teacher, SAE, labels, students, report.
     Train(TrainArgs),
@@ -132,18 +133,32 @@ fn compare(args: CompareArgs) -> Result<()> {
 }
 
 #[derive(clap::Args)]
+#[command(
+    after_help = "Inputs: files, folders (walked recursively), shell globs such as \
+'data/**/*.parquet' (quote them), and Hugging Face datasets \
+hf://datasets/OWNER/NAME[@REVISION]/PATH_GLOB (downloaded into the hub cache; offline, its \
+cached files are used). Formats: .parquet (the text column, row groups streamed); \
+.jsonl/.ndjson (one JSON object per line), optionally .gz or .zst, and .json.gz/.json.zst \
+as JSON Lines; .txt/.md/.text (one document per file), optionally .gz or .zst.\n\n\
+A killed preparation run again with the same arguments continues after its last finished \
+file; an identical finished one is reused."
+)]
 struct PrepareArgs {
-    /// Input files (.txt, .md, .jsonl, optionally .gz) or folders of them.
+    /// Input files, folders, globs or hf://datasets/OWNER/NAME/PATH_GLOB (formats below).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
     /// Output folder (train.bin, val.bin, meta.json, tokenizer.json).
     #[arg(long, short)]
     out: PathBuf,
+    /// JSON Lines field / Parquet column holding the document text.
+    #[arg(long, default_value = cocomix_data::DEFAULT_FIELD)]
+    field: String,
     /// Tokenizer: `gpt2` (bundled), a tokenizer.json, a folder with vocab.json + merges.txt,
     /// or a Hugging Face repo id.
     #[arg(long, default_value = "gpt2", conflicts_with = "train_tokenizer")]
     tokenizer: String,
-    /// Train a byte-level BPE of this many tokens on the inputs instead (small CPU runs).
+    /// Train a byte-level BPE of this many tokens on the inputs instead (small CPU runs;
+    /// reads the whole corpus into memory).
     #[arg(long, value_name = "VOCAB_SIZE")]
     train_tokenizer: Option<usize>,
     /// Fraction of documents held out for validation.
@@ -157,7 +172,8 @@ struct PrepareArgs {
 fn prepare(args: PrepareArgs) -> Result<()> {
     let tok = match args.train_tokenizer {
         Some(vocab) => {
-            let docs = cocomix_data::read_documents(&args.inputs)?;
+            let docs =
+                cocomix_data::Corpus::resolve(&args.inputs, &args.field)?.read_documents()?;
             tracing::info!(
                 "training a {vocab}-token byte-level BPE on {} documents",
                 docs.len()
@@ -170,6 +186,7 @@ fn prepare(args: PrepareArgs) -> Result<()> {
     let opts = cocomix_data::PrepareOptions {
         val_fraction: args.val_fraction,
         seed: args.seed,
+        field: args.field,
         ..cocomix_data::PrepareOptions::new(args.inputs, args.out)
     };
     let meta = cocomix_data::prepare(&opts, &tok)?;
