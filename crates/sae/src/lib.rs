@@ -13,6 +13,7 @@
 mod error;
 mod load;
 mod sae;
+mod steer;
 mod train;
 
 pub use error::{Error, Result};
