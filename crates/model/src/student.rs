@@ -4,7 +4,7 @@
 //! later blocks. Without the concept path it is the NTP baseline (plain GPT-2).
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::gpt2::{Dropout, Gpt2, Gpt2Config, KvCache};

@@ -2,12 +2,10 @@
 //! cosine schedule and clipping, run folders with atomic checkpoints and exact resume,
 //! reports, SAE training on a teacher's residual stream, and the end-to-end main job.
 mod config;
-pub mod eval;
 pub mod optim;
 pub mod pipeline;
 pub mod report;
 mod run;
-pub mod tasks;
 
 pub use config::*;
 pub use run::{

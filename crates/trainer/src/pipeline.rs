@@ -75,10 +75,13 @@ pub fn prepare_data(cfg: &RunConfig) -> Result<(Dataset, Tokenizer)> {
     Ok((ds, tok))
 }
 
-fn student_config(
+/// The student `cfg` trains for `objective`, on a vocabulary of `vocab_size` ids with EOT
+/// `eot_id`, with `n_latents` concepts (the SAE's) for CoCoMix.
+pub fn student_config(
     cfg: &RunConfig,
     objective: Objective,
-    tok: &Tokenizer,
+    vocab_size: usize,
+    eot_id: u32,
     n_latents: usize,
 ) -> StudentConfig {
     let m = &cfg.model;
@@ -88,9 +91,9 @@ fn student_config(
         m.d_model_ntp
     };
     StudentConfig {
-        gpt2: Gpt2Config::new(tok.vocab_size(), m.context, d, m.n_layer, m.n_head)
+        gpt2: Gpt2Config::new(vocab_size, m.context, d, m.n_layer, m.n_head)
             .with_dropout(m.dropout)
-            .with_eot(tok.eot_id()),
+            .with_eot(eot_id),
         concept: (objective == Objective::Cocomix).then_some(ConceptConfig {
             concept_dim: n_latents,
             concept_num: cfg.concept.concept_num,
@@ -503,7 +506,7 @@ pub fn run_main_job(cfg: &RunConfig, opts: &JobOptions, device: &Device) -> Resu
             }),
             _ => None,
         };
-        let student = student_config(cfg, objective, &tok, n_latents);
+        let student = student_config(cfg, objective, tok.vocab_size(), tok.eot_id(), n_latents);
         let resume = opts.resume || run_dir.join("checkpoints").is_dir();
         let mut spec = base_spec(
             cfg,
