@@ -141,7 +141,10 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             for (task, file) in tasks.iter().zip(&files) {
                 let t = load_task(task, file)?;
                 tracing::info!("{task}: {} documents from {}", t.docs.len(), file.display());
-                results.push(evaluate(&t, &tok, &scorer, limit)?);
+                results.push(
+                    evaluate(&t, &tok, &scorer, limit)
+                        .with_context(|| file.display().to_string())?,
+                );
             }
             if json {
                 print_json(&results, true)?;

@@ -7,7 +7,7 @@ use cocomix_model::AnyModel;
 use serde::Serialize;
 
 use crate::tasks::{evaluate, find_task_file, load_task, ModelScorer, TaskResult};
-use crate::{score_text_file, Result, TextScore};
+use crate::{score_text_file, Error, Result, TextScore};
 
 /// The accuracy columns of Table 1 and the metric each reports (HellaSwag length-normalised,
 /// as lm-eval's `acc_norm`; the others plain `acc`).
@@ -56,7 +56,8 @@ pub fn model_scores(
     let mut tasks = Vec::new();
     for task in crate::tasks::TASKS {
         if let Some(file) = find_task_file(tasks_dir, task) {
-            tasks.push(evaluate(&load_task(task, &file)?, tok, &scorer, limit)?);
+            let t = load_task(task, &file)?;
+            tasks.push(evaluate(&t, tok, &scorer, limit).map_err(|e| Error::file(&file, e))?);
         }
     }
     let wikitext = wikitext
