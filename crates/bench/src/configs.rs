@@ -8,6 +8,7 @@ use crate::{Error, Result};
 pub struct BenchConfig {
     /// Path of the config in the repository, reported in each case's JSON (`config`).
     pub file: &'static str,
+    /// The parsed config.
     pub run: RunConfig,
 }
 

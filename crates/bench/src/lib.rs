@@ -38,24 +38,34 @@ use serde::Serialize;
 /// Errors of the bench crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// From the model crate.
     #[error(transparent)]
     Model(#[from] cocomix_model::Error),
+    /// From the ops crate.
     #[error(transparent)]
     Ops(#[from] cocomix_model::ops::Error),
+    /// From the SAE crate.
     #[error(transparent)]
     Sae(#[from] cocomix_sae::Error),
+    /// From the data crate.
     #[error(transparent)]
     Data(#[from] cocomix_data::Error),
+    /// From the attribution crate.
     #[error(transparent)]
     Attribution(#[from] cocomix_attribution::Error),
+    /// From the trainer crate.
     #[error(transparent)]
     Trainer(#[from] cocomix_trainer::Error),
+    /// From the eval crate.
     #[error(transparent)]
     Eval(#[from] cocomix_eval::Error),
+    /// Reading or writing a file.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// Anything else, in words.
     #[error("{0}")]
     Other(String),
 }
@@ -154,10 +164,13 @@ impl Default for BenchOptions {
 /// and `config` where its shapes come from a config file).
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    /// [`Bench::name`].
     pub bench: String,
     /// The device of this build (`Cpu`, `Cuda(..)`, `Metal(..)`).
     pub device: String,
+    /// Cores available to the children.
     pub threads: usize,
+    /// One object per case, in [`Bench::cases`] order.
     pub results: Vec<serde_json::Value>,
     /// `train` only: CoCoMix/NTP step time against the FLOP ratio, per size.
     #[serde(skip_serializing_if = "Option::is_none")]

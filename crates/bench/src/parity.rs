@@ -29,8 +29,11 @@ pub type Tensors = BTreeMap<String, Tensor>;
 /// compared element (all of them, or those where `only` is true).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rule {
+    /// Relative tolerance.
     pub rtol: f32,
+    /// Absolute tolerance.
     pub atol: f32,
+    /// Compare only the elements where this (flattened) mask is true.
     pub only: Option<Vec<bool>>,
 }
 
@@ -55,20 +58,29 @@ pub enum Failure {
     Extra,
     /// Different dimensions.
     Shape {
+        /// The reference's dimensions.
         expected: Vec<usize>,
+        /// The result's.
         got: Vec<usize>,
     },
     /// NaN or ±∞ (`in_reference`: in the reference's values rather than the result's).
     NonFinite {
+        /// How many values.
         count: usize,
+        /// Flat index of the first.
         first_index: usize,
+        /// Found in the reference rather than the result.
         in_reference: bool,
     },
     /// Beyond the tolerance at `index` (the worst element).
     Tolerance {
+        /// Flat index of the element furthest beyond its tolerance.
         index: usize,
+        /// The result's value there.
         got: f32,
+        /// The reference's value there.
         expected: f32,
+        /// Largest |got − want| over the compared elements.
         max_abs_diff: f32,
     },
 }
@@ -104,14 +116,19 @@ impl std::fmt::Display for Failure {
 /// The comparison of one tensor.
 #[derive(Clone, Debug, Serialize)]
 pub struct TensorCheck {
+    /// The tensor's name.
     pub tensor: String,
     /// The reference: `cpu` or `golden`.
     pub against: String,
+    /// Relative tolerance used.
     pub rtol: f32,
+    /// Absolute tolerance used.
     pub atol: f32,
     /// Largest |got − want| over the compared elements (when shapes agree and all is finite).
     pub max_abs_diff: Option<f32>,
+    /// No failure.
     pub ok: bool,
+    /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
 }
@@ -346,18 +363,24 @@ pub fn compute(golden_dir: &Path, dev: &Device) -> Result<Tensors> {
 /// One failing tensor, for people reading the report.
 #[derive(Clone, Debug, Serialize)]
 pub struct Failed {
+    /// The tensor's name.
     pub tensor: String,
+    /// `cpu` or `golden`.
     pub against: String,
+    /// The [`Failure`], in words.
     pub reason: String,
 }
 
 /// What `cocomix parity` prints.
 #[derive(Clone, Debug, Serialize)]
 pub struct ParityReport {
+    /// The device compared (`Cpu`, `Cuda(..)`, `Metal(..)`).
     pub device: String,
     /// Number of checks (tensor × reference).
     pub compared: usize,
+    /// Every failing check.
     pub failed: Vec<Failed>,
+    /// Every check.
     pub tensors: Vec<TensorCheck>,
 }
 

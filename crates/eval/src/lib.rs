@@ -33,14 +33,24 @@ use std::path::PathBuf;
 /// Errors of the eval crate. File problems name the file.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// From the model crate.
     #[error(transparent)]
     Model(#[from] cocomix_model::Error),
+    /// From the data crate.
     #[error(transparent)]
     Data(#[from] cocomix_data::Error),
+    /// A file and what is wrong with it.
     #[error("{path}: {reason}")]
-    File { path: PathBuf, reason: String },
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Bad input, in words.
     #[error("{0}")]
     Invalid(String),
 }

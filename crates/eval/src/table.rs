@@ -35,7 +35,9 @@ pub struct RunInfo {
 /// A model's downstream scores: the tasks whose data was found, and the WikiText text.
 #[derive(Clone, Debug, Serialize)]
 pub struct ModelScores {
+    /// One result per task whose data was found.
     pub tasks: Vec<TaskResult>,
+    /// Scores of the WikiText file, if one was given.
     pub wikitext: Option<TextScore>,
 }
 
@@ -70,17 +72,27 @@ pub fn model_scores(
 /// absent, and an average is `None` unless all of its columns are present.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Table1Row {
+    /// [`RunInfo::run`].
     pub run: String,
+    /// [`RunInfo::method`].
     pub method: String,
+    /// [`RunInfo::params`].
     pub params: usize,
+    /// Validation (OpenWebText in the paper) perplexity.
     pub val_ppl: Option<f64>,
+    /// LAMBADA perplexity of the gold continuation.
     pub lambada_ppl: Option<f64>,
     /// WikiText word perplexity.
     pub wikitext_ppl: Option<f64>,
+    /// HellaSwag acc_norm (%).
     pub hellaswag: Option<f64>,
+    /// PIQA acc (%).
     pub piqa: Option<f64>,
+    /// Social IQa acc (%).
     pub siqa: Option<f64>,
+    /// ARC-Easy acc (%).
     pub arc_easy: Option<f64>,
+    /// WinoGrande acc (%).
     pub winogrande: Option<f64>,
     /// Mean of the three perplexities (validation, LAMBADA, WikiText).
     pub avg_ppl: Option<f64>,
@@ -91,6 +103,7 @@ pub struct Table1Row {
 /// Table 1: one row per run.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Table1 {
+    /// In the order the runs were given.
     pub rows: Vec<Table1Row>,
 }
 

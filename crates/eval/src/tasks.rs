@@ -60,7 +60,9 @@ impl Choice {
 /// One document: its alternatives and the index of the right one.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Doc {
+    /// The alternatives, in the task's order.
     pub choices: Vec<Choice>,
+    /// Index of the right alternative.
     pub gold: usize,
 }
 
@@ -69,19 +71,23 @@ pub struct Doc {
 pub struct Task {
     /// One of [`TASKS`] (it decides the metrics).
     pub name: String,
+    /// The documents, in file order (grouped by `doc_id` for request files).
     pub docs: Vec<Doc>,
 }
 
 /// A metric's value and standard error.
 #[derive(Clone, Debug, Serialize)]
 pub struct Metric {
+    /// Mean over documents (or exp of the mean NLL for perplexity).
     pub value: f64,
+    /// Standard error of the mean (bootstrap for perplexity).
     pub stderr: f64,
 }
 
 /// The result of one task.
 #[derive(Clone, Debug, Serialize)]
 pub struct TaskResult {
+    /// The task's name.
     pub task: String,
     /// Documents scored.
     pub samples: usize,

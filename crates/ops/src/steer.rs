@@ -18,7 +18,9 @@ pub enum SteerMode {
 pub struct Steer {
     /// The concept (column of `z`).
     pub index: usize,
+    /// The amount added, or the value set.
     pub value: f32,
+    /// Add or set.
     pub mode: SteerMode,
     /// CoCoMix only: keep the concept among the student's TopK whatever its value (it
     /// replaces the lowest kept). SAE steering edits the latents after their TopK and
