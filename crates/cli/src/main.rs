@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+mod attribution;
 mod bench;
-mod bench_train;
-mod commands;
-mod parity;
+mod common;
+mod eval;
+mod generate;
+mod sae;
 
 /// Candle allocates a fresh buffer per op; by default glibc maps and unmaps every buffer
 /// over 128 KiB (page faults and TLB shootdowns across threads each time). Keeping buffers
@@ -42,21 +44,22 @@ enum Command {
     Compare(CompareArgs),
     /// Evaluate models (perplexity) and compare runs.
     #[command(subcommand)]
-    Eval(commands::EvalCommand),
+    Eval(eval::EvalCommand),
     /// Generate text from a GPT-2 or CoCoMix model, optionally steering concepts.
-    Generate(commands::GenerateArgs),
+    Generate(generate::GenerateArgs),
     /// Train a TopK SAE on a teacher, or encode text with one.
     #[command(subcommand)]
-    Sae(commands::SaeCommand),
+    Sae(sae::SaeCommand),
     /// Concept attribution scores and labels of a text (JSON).
-    Attribute(commands::AttributeArgs),
+    Attribute(attribution::AttributeArgs),
     /// Build the label cache of a prepared data folder.
     #[command(subcommand)]
-    Labels(commands::LabelsCommand),
-    /// Measure throughput; prints JSON with --json.
+    Labels(attribution::LabelsCommand),
+    /// Measure throughput and peak memory; prints JSON with --json.
     Bench(bench::BenchArgs),
-    /// Compare the golden tiny batch on the CPU and on this build's device (CUDA/Metal).
-    Parity(parity::ParityArgs),
+    /// The golden tiny batch on this build's device against the CPU and the golden values;
+    /// exits non-zero naming each failing tensor.
+    Parity(bench::ParityArgs),
 }
 
 /// Re-running the same command continues an interrupted job: finished stages and runs are
@@ -209,13 +212,13 @@ fn main() {
         Command::Prepare(a) => prepare(a),
         Command::Train(a) => train(a),
         Command::Compare(a) => compare(a),
-        Command::Eval(c) => commands::eval(c),
-        Command::Generate(a) => commands::generate(a),
-        Command::Sae(c) => commands::sae(c),
-        Command::Attribute(a) => commands::attribute(a),
-        Command::Labels(c) => commands::labels(c),
-        Command::Bench(a) => bench::run(a),
-        Command::Parity(a) => parity::run(a),
+        Command::Eval(c) => eval::run(c),
+        Command::Generate(a) => generate::run(a),
+        Command::Sae(c) => sae::run(c),
+        Command::Attribute(a) => attribution::attribute(a),
+        Command::Labels(c) => attribution::labels(c),
+        Command::Bench(a) => bench::bench(a),
+        Command::Parity(a) => bench::parity(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

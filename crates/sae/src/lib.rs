@@ -17,6 +17,7 @@ mod load;
 mod sae;
 mod saelens;
 mod sparsify;
+mod steer;
 mod train;
 
 pub use error::{Error, Result};

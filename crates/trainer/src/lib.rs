@@ -4,12 +4,10 @@
 //! comparison of objectives over seeds.
 pub mod compare;
 mod config;
-pub mod eval;
 pub mod optim;
 pub mod pipeline;
 pub mod report;
 mod run;
-pub mod tasks;
 
 pub use config::*;
 pub use run::{

@@ -68,12 +68,14 @@ pub fn prepare_data(cfg: &RunConfig) -> Result<(Dataset, Tokenizer)> {
     Ok((ds, tok))
 }
 
-/// The student an objective trains: a plain GPT-2 at the NTP width for NTP and KD; the
-/// concept path (interleaved or not) or the pause vector at `model.d_model` otherwise.
+/// The student an objective trains on a vocabulary of `vocab_size` ids with EOT `eot_id`:
+/// a plain GPT-2 at the NTP width for NTP and KD; the concept path (with `n_latents`
+/// concepts, the SAE's; interleaved or not) or the pause vector at `model.d_model` otherwise.
 pub fn student_config(
     cfg: &RunConfig,
     objective: Objective,
-    tok: &Tokenizer,
+    vocab_size: usize,
+    eot_id: u32,
     n_latents: usize,
 ) -> StudentConfig {
     let m = &cfg.model;
@@ -82,9 +84,9 @@ pub fn student_config(
     } else {
         m.d_model
     };
-    let gpt2 = Gpt2Config::new(tok.vocab_size(), m.context, d, m.n_layer, m.n_head)
+    let gpt2 = Gpt2Config::new(vocab_size, m.context, d, m.n_layer, m.n_head)
         .with_dropout(m.dropout)
-        .with_eot(tok.eot_id());
+        .with_eot(eot_id);
     let concept = |interleave| ConceptConfig {
         concept_dim: n_latents,
         concept_num: cfg.concept.concept_num,
@@ -582,7 +584,13 @@ pub fn train_student(
         .sae
         .as_ref()
         .map_or(cfg.sae.n_latents, |s| s.0.n_latents());
-    let student = student_config(cfg, objective, &shared.tok, n_latents);
+    let student = student_config(
+        cfg,
+        objective,
+        shared.tok.vocab_size(),
+        shared.tok.eot_id(),
+        n_latents,
+    );
     // A run folder with checkpoints is an interrupted run of this job: continue it.
     let resume = dir.join("checkpoints").is_dir();
     let mut spec = base_spec(
