@@ -2,7 +2,7 @@
 """PyTorch eager mirror of `cocomix bench train`: one optimizer step per objective.
 
 Each case builds the same model shapes, data sizes, dropout, optimizer, clipping and loss as
-the Rust case of the same name (crates/cli/src/bench_train.rs) and times the same thing: the
+the Rust case of the same name (crates/bench/src/train.rs) and times the same thing: the
 step from making the batch (and, for online labels, the teacher + SAE attribution) through
 forward, backward, clipping and AdamW. Default shape: 6 steps, the first untimed; 69M shape:
 2 steps, both timed (exactly as the Rust bench). Tokens/s is the harmonic mean over timed steps.
@@ -51,16 +51,17 @@ CASES_BIG = [
 
 
 def shapes(size, cocomix):
-    """Student and teacher shapes of crates/cli/src/bench.rs (`tiny`, `paper_69m`)."""
+    """Student, concept, teacher shapes, batch and SAE layer of configs/default.toml and
+    configs/gpt2-69m.toml, as the Rust bench reads them."""
     if size == "default":
         student = dict(vocab=2048, ctx=128, d=96 if cocomix else 112, layers=4, heads=4)
         concept = dict(c=1024, kc=16, insert=1) if cocomix else None
-        teacher = dict(vocab=2048, ctx=128, d=128, layers=4, heads=4)
+        teacher = dict(vocab=2048, ctx=128, d=128, layers=4, heads=4, layer=2)
         batch = 16
     else:
         student = dict(vocab=50257, ctx=1024, d=512 if cocomix else 624, layers=8, heads=8)
         concept = dict(c=32768, kc=32, insert=3) if cocomix else None
-        teacher = dict(vocab=50257, ctx=1024, d=768, layers=12, heads=12)
+        teacher = dict(vocab=50257, ctx=1024, d=768, layers=12, heads=12, layer=5)
         batch = 1
     return student, concept, teacher, batch
 
@@ -183,7 +184,7 @@ def run_case(case, args):
     teacher = sae = None
     n_latents = cc["c"] if cc else (32768 if sc["vocab"] > 4096 else 1024)
     k_sae = 32 if n_latents > 4096 else 16
-    layer = 2
+    layer = tc["layer"]
     if objective in ("kd", "cocomix-online"):
         teacher = Gpt2(tc["vocab"], tc["ctx"], tc["d"], tc["layers"], tc["heads"], 0.0).eval()
         for q in teacher.parameters():

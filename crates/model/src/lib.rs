@@ -28,4 +28,6 @@ pub use gpt2::{
     next_token_loss, Dropout, Gpt2, Gpt2Config, Hook, KvCache, ResidualGrad, ResidualHook,
 };
 pub use params::{Params, TensorFile};
-pub use student::{ConceptConfig, Steer, SteerMode, Student, StudentConfig, StudentOutput};
+pub use student::{
+    ConceptConfig, PauseConfig, Steer, SteerMode, Student, StudentConfig, StudentOutput,
+};

@@ -25,6 +25,7 @@ pub mod fused;
 mod gelu;
 mod layer_norm;
 mod simd;
+mod steer;
 mod xent;
 
 pub use attention::{
@@ -37,6 +38,7 @@ pub use layer_norm::{
     layer_norm_composed, unbiased_layer_norm, unbiased_layer_norm_composed, LayerNorm,
 };
 pub use simd::has_avx2_fma;
+pub use steer::{apply_steer, Steer, SteerMode};
 pub use xent::{softmax_cross_entropy, softmax_cross_entropy_composed};
 
 /// Errors of the ops crate.
