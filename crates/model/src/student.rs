@@ -326,8 +326,8 @@ impl Student {
                 .gpt
                 .run_blocks(h, split..n_layer, cache.as_deref_mut(), None, dropout)?,
             Some(c) => {
-                let h = Tensor::stack(&[&h, &c], 2)?.reshape((b, 2 * t, d))?; // [B, 2T, d]: h1, c1, h2, c2, …
-                                                                              // Plain causal attention over the 2T interleaved positions.
+                // [B, 2T, d]: h1, c1, h2, c2, …; plain causal attention over the 2T positions.
+                let h = Tensor::stack(&[&h, &c], 2)?.reshape((b, 2 * t, d))?;
                 let h =
                     self.gpt
                         .run_blocks(h, split..n_layer, cache.as_deref_mut(), None, dropout)?;
