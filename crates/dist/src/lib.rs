@@ -179,12 +179,14 @@ pub struct CommStats {
 }
 
 /// What a collective is waiting for, for the timeout message.
+#[cfg_attr(not(any(feature = "mpi", feature = "nccl")), allow(dead_code))]
 pub(crate) struct Wait<'a> {
     pub op: &'static str,
     pub phase: &'a str,
     pub timeout: Option<Duration>,
 }
 
+#[cfg_attr(not(any(feature = "mpi", feature = "nccl")), allow(dead_code))]
 impl Wait<'_> {
     /// Spins for the first milliseconds (collectives of a step answer fast), then sleeps
     /// between polls; past the deadline, prints what timed out and returns true.
@@ -376,6 +378,14 @@ impl Comm {
     /// Rank 0: the one that writes files.
     pub fn is_root(&self) -> bool {
         self.rank() == 0
+    }
+
+    /// This rank's contiguous share of `n` items (rows of a batch, validation blocks,
+    /// windows to label): `n·rank/world .. n·(rank + 1)/world`. The shares of all ranks
+    /// cover `0..n` in order.
+    pub fn share(&self, n: usize) -> std::ops::Range<usize> {
+        let (r, w) = (self.rank(), self.world());
+        n * r / w..n * (r + 1) / w
     }
 
     /// The bucket size of [`Comm::all_reduce_tensors`] in bytes.
