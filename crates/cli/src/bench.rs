@@ -48,6 +48,9 @@ enum What {
     Train,
     /// HellaSwag requests/s (4 alternatives per document) with a GPT-2 124M-shaped model.
     Eval,
+    /// Data parallelism over MPI (build with --features mpi): gradient all-reduce bytes and
+    /// time per step at the 69M shapes on 2 ranks, NTP throughput on 1 vs 2 ranks.
+    Dist,
 }
 
 /// Peak resident set size of this process in MiB (Linux; 0 elsewhere).
@@ -75,6 +78,7 @@ fn cases(what: What, small: bool) -> Vec<&'static str> {
             "train-69m-cocomix-online",
         ],
         What::Eval => &[],
+        What::Dist => &["allreduce-69m"],
     };
     let base: &[&str] = match what {
         What::Data => &["data"],
@@ -88,6 +92,7 @@ fn cases(what: What, small: bool) -> Vec<&'static str> {
             "train-default-cocomix-online",
         ],
         What::Eval => &["eval-hellaswag-124m"],
+        What::Dist => &["train-default-ntp-1rank", "train-default-ntp-2rank"],
     };
     base.iter()
         .chain(if small { &[][..] } else { big })
@@ -99,14 +104,27 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(case) = &args.case {
         let mut v = run_case(case, &args)?;
         v["peak_rss_mib"] = peak_rss_mib().into();
-        println!("{}", serde_json::to_string(&v)?);
+        // Of the MPI ranks of a `dist` case, rank 0 answers.
+        if cocomix_dist::launcher_rank() == 0 {
+            println!("{}", serde_json::to_string(&v)?);
+        }
         return Ok(());
     }
     let exe = std::env::current_exe().context("locating the cocomix binary")?;
     let mut results = Vec::new();
     for case in cases(args.what, args.small) {
         eprintln!("bench: {case} …");
-        let out = std::process::Command::new(&exe)
+        let mut cmd = match args.what {
+            What::Dist => {
+                let mut c = cocomix_dist::mpirun_command(crate::bench_dist::ranks(case))
+                    .context("bench dist needs mpirun (apt-get install openmpi-bin)")?;
+                // One thread per rank: ranks share this machine's cores.
+                c.env("RAYON_NUM_THREADS", "1").arg(&exe);
+                c
+            }
+            _ => std::process::Command::new(&exe),
+        };
+        let out = cmd
             .args([
                 "bench",
                 what_name(args.what),
@@ -158,6 +176,7 @@ fn what_name(w: What) -> &'static str {
         What::Attribution => "attribution",
         What::Train => "train",
         What::Eval => "eval",
+        What::Dist => "dist",
     }
 }
 
@@ -169,6 +188,7 @@ fn threads() -> usize {
 
 fn run_case(case: &str, args: &BenchArgs) -> Result<serde_json::Value> {
     match case {
+        c if matches!(args.what, What::Dist) => crate::bench_dist::run(c),
         "data" => data(&args.corpus),
         "tiny-ntp" => student_step(case, tiny(false), 16),
         "tiny-cocomix" => student_step(case, tiny(true), 16),

@@ -52,20 +52,7 @@ pub fn run(case: &str, batch_69m: Option<usize>, precision: &str) -> Result<serd
     let dir = std::env::temp_dir().join(format!("cocomix-bench-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    // A synthetic shard big enough for a few windows.
-    let n_tok = (batch * 4 + 1) * t + 1;
-    let toks: Vec<u8> = (0..n_tok)
-        .flat_map(|i| (((i * 2_654_435_761) % student.gpt2.vocab_size) as u16).to_le_bytes())
-        .collect();
-    let data_dir = dir.join("data");
-    std::fs::create_dir_all(&data_dir)?;
-    std::fs::write(data_dir.join("train.bin"), &toks)?;
-    std::fs::write(data_dir.join("val.bin"), &toks[..(t + 1) * 2])?;
-    let meta = serde_json::json!({"format_version": 1, "dtype": "u16", "vocab_size": student.gpt2.vocab_size, "eot_id": 0,
-        "tokenizer_identity": "bench", "train_tokens": n_tok, "val_tokens": t + 1, "train_documents": 1, "val_documents": 1,
-        "val_fraction": 0.0, "seed": 0, "sources": [], "replaced_invalid_utf8": 0});
-    std::fs::write(data_dir.join("meta.json"), meta.to_string())?;
-    let data = cocomix_data::Dataset::open(&data_dir)?;
+    let data = synthetic_data(&dir.join("data"), &student, batch)?;
     let dev = crate::bench::dev()?;
     let teacher = cocomix_model::Gpt2::new(
         &teacher_cfg.with_dropout(0.0),
@@ -162,7 +149,29 @@ pub fn run(case: &str, batch_69m: Option<usize>, precision: &str) -> Result<serd
     }))
 }
 
-fn cfg_for(student: &StudentConfig, batch: usize) -> Result<cocomix_trainer::RunConfig> {
+/// A prepared data folder at `data_dir` with a synthetic shard of a few windows of `batch`
+/// rows for `student` (its vocabulary and context).
+pub fn synthetic_data(
+    data_dir: &std::path::Path,
+    student: &StudentConfig,
+    batch: usize,
+) -> Result<cocomix_data::Dataset> {
+    let t = student.gpt2.n_positions;
+    let n_tok = (batch * 4 + 1) * t + 1;
+    let toks: Vec<u8> = (0..n_tok)
+        .flat_map(|i| (((i * 2_654_435_761) % student.gpt2.vocab_size) as u16).to_le_bytes())
+        .collect();
+    std::fs::create_dir_all(data_dir)?;
+    std::fs::write(data_dir.join("train.bin"), &toks)?;
+    std::fs::write(data_dir.join("val.bin"), &toks[..(t + 1) * 2])?;
+    let meta = serde_json::json!({"format_version": 1, "dtype": "u16", "vocab_size": student.gpt2.vocab_size, "eot_id": 0,
+        "tokenizer_identity": "bench", "train_tokens": n_tok, "val_tokens": t + 1, "train_documents": 1, "val_documents": 1,
+        "val_fraction": 0.0, "seed": 0, "sources": [], "replaced_invalid_utf8": 0});
+    std::fs::write(data_dir.join("meta.json"), meta.to_string())?;
+    Ok(cocomix_data::Dataset::open(data_dir)?)
+}
+
+pub fn cfg_for(student: &StudentConfig, batch: usize) -> Result<cocomix_trainer::RunConfig> {
     let n_latents = student.concept.as_ref().map_or(
         if student.gpt2.vocab_size > 4096 {
             32768

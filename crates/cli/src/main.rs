@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_dist;
 mod bench_train;
 mod commands;
 mod parity;

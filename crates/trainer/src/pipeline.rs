@@ -29,12 +29,13 @@ fn stage(n: usize, what: &str, comm: &Comm) {
 /// ranks (which find and reuse them). An error on any rank stops all.
 fn rank0_first<T>(comm: &Comm, f: impl Fn() -> Result<T>) -> Result<T> {
     let first = if comm.is_root() { Some(f()) } else { None };
-    let first = comm.agree(first.transpose())?;
+    // Untimed: rank 0's work may take hours (a corpus, an SAE).
     comm.wait_for_all()?;
-    match first {
+    let second = match comm.agree(first.transpose())? {
         Some(v) => Ok(v),
-        None => comm.agree(f()),
-    }
+        None => f(),
+    };
+    comm.agree(second)
 }
 
 /// Rank 0's answer to `question`, on every rank (so all ranks take the same branch even
