@@ -867,9 +867,14 @@ pub fn train_dist(spec: &TrainSpec, comm: &Comm) -> Result<TrainOutcome> {
     }
     bar.finish_and_clear();
     let final_dir = run_dir.join("final");
-    if writer && !stopped_early {
-        save_model_dir(&st.student, spec.data, &final_dir)?;
-    }
+    let saved = if writer && !stopped_early {
+        save_model_dir(&st.student, spec.data, &final_dir)
+    } else {
+        Ok(())
+    };
+    // The other ranks may read `final/` next (a teacher): they wait for rank 0's writes.
+    comm.wait_for_all()?;
+    comm.agree(saved)?;
     let val_loss = match last_val {
         Some(v) => v,
         None => validate_dist(&st.student, spec.data, t, spec.max_val_blocks, rows, comm)?,
