@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Multi-node data-parallel training under Slurm: one rank per GPU, NCCL for the gradients,
-# NCCL's own bootstrap at the first node (MASTER_ADDR:MASTER_PORT), torchrun-style variables.
+# Multi-node data-parallel training under Slurm. BACKEND=mpi (CPU ranks) works today; the default,
+# one rank per GPU with NCCL (bootstrap at MASTER_ADDR:MASTER_PORT), waits for the NCCL backend.
 #
 #   sbatch --nodes 4 scripts/slurm-train.sh configs/gpt2-1.38b.toml [--set k=v ...]
 #
-# The binary comes from `scripts/build-cuda.sh --features nccl` (BIN overrides it); the run and
+# BIN names the binary (built with --features mpi for BACKEND=mpi); the run and
 # data folders of the config must be on a filesystem every node mounts. Submitting the same
 # command again continues the job from its last checkpoint, with any number of nodes.
 # CPU cluster: BACKEND=mpi and a binary built with `--features mpi` (srun starts the MPI ranks

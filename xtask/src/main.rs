@@ -20,7 +20,7 @@ fn root() -> PathBuf {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo xtask <train|compare|eval|bench|run> [--features cuda|metal|mpi|nccl] [ARGS...]\n\n\
+        "usage: cargo xtask <train|compare|eval|bench|run> [--features cuda|metal|mpi] [ARGS...]\n\n\
          train   the main job: cocomix train [--config FILE] [--set k=v]\n\
          compare cocomix compare --config FILE [--seeds N] [--objectives a,b] [--lambdas x,y]\n\
          eval    cocomix eval runs RUN_DIR... (default: runs/default)\n\
@@ -68,8 +68,8 @@ fn main() {
         let f = args.remove(i + 1);
         args.remove(i);
         for f in f.split(',') {
-            if !["cuda", "metal", "mpi", "nccl"].contains(&f) {
-                eprintln!("xtask: unknown feature {f:?} (cuda, metal, mpi or nccl)");
+            if !["cuda", "metal", "mpi"].contains(&f) {
+                eprintln!("xtask: unknown feature {f:?} (cuda, metal or mpi)");
                 exit(2);
             }
             features.push(f.to_string());

@@ -8,9 +8,8 @@
 //! backends:
 //! - [`Backend::Single`]: one process (the default; needs nothing);
 //! - [`Backend::Mpi`]: rsmpi over the system's MPI (cargo feature `mpi`);
-//! - [`Backend::Nccl`]: cudarc's NCCL (cargo feature `nccl`), bootstrapped through MPI or
-//!   through the torchrun-style environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
-//!   `MASTER_ADDR`, `MASTER_PORT`).
+//! - [`Backend::Nccl`]: reserved for cudarc's NCCL (bootstrapped through MPI or the
+//!   torchrun-style environment); not implemented yet, it errors at start.
 //!
 //! Faults: every collective but [`Comm::wait_for_all`] has a deadline (`timeout_s`). A rank
 //! whose peers do not answer in time prints what it was waiting for and aborts the job (MPI
@@ -37,8 +36,6 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "mpi")]
 mod mpi;
-#[cfg(feature = "nccl")]
-mod nccl;
 
 /// Errors of the communicator.
 #[derive(Debug, thiserror::Error)]
@@ -179,17 +176,19 @@ pub struct CommStats {
 }
 
 /// What a collective is waiting for, for the timeout message.
-#[cfg_attr(not(any(feature = "mpi", feature = "nccl")), allow(dead_code))]
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 pub(crate) struct Wait<'a> {
     pub op: &'static str,
     pub phase: &'a str,
     pub timeout: Option<Duration>,
 }
 
-#[cfg_attr(not(any(feature = "mpi", feature = "nccl")), allow(dead_code))]
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 impl Wait<'_> {
-    /// Spins for the first milliseconds (collectives of a step answer fast), then sleeps
-    /// between polls; past the deadline, prints what timed out and returns true.
+    /// Between two polls of an unfinished collective: yields (MPI's non-blocking collectives
+    /// progress only inside the polls, so a timed collective, which moves data, never
+    /// sleeps); an untimed one (a barrier while rank 0 works alone) sleeps 1 ms. Past the
+    /// deadline, prints what timed out and returns true.
     pub(crate) fn idle(&self, rank: usize, since: Instant) -> bool {
         let waited = since.elapsed();
         if let Some(t) = self.timeout.filter(|&t| waited > t) {
@@ -205,10 +204,10 @@ impl Wait<'_> {
             eprintln!("error: {msg}");
             return true;
         }
-        if waited < Duration::from_millis(20) {
+        if self.timeout.is_some() {
             std::thread::yield_now();
         } else {
-            std::thread::sleep(Duration::from_micros(500));
+            std::thread::sleep(Duration::from_millis(1));
         }
         false
     }
@@ -337,14 +336,11 @@ impl Comm {
                     feature: "mpi",
                 })
             }
-            #[cfg(feature = "nccl")]
-            Backend::Nccl => Box::new(nccl::Nccl::init(cfg.nccl_bootstrap)?),
-            #[cfg(not(feature = "nccl"))]
             Backend::Nccl => {
-                return Err(Error::NotBuilt {
-                    backend: "nccl",
-                    feature: "nccl",
-                })
+                return Err(Error::Other(
+                    "dist.backend = \"nccl\" is not implemented yet: use \"mpi\" (CPU ranks)"
+                        .into(),
+                ))
             }
         };
         let comm = Self::new(engine, cfg);
@@ -749,14 +745,19 @@ mod tests {
 
     #[test]
     fn backends_not_built_are_named_with_their_feature() {
-        if cfg!(not(feature = "nccl")) {
+        if cfg!(not(feature = "mpi")) {
             let cfg = DistConfig {
-                backend: Backend::Nccl,
+                backend: Backend::Mpi,
                 ..Default::default()
             };
             let e = Comm::init(&cfg).unwrap_err().to_string();
-            assert!(e.contains("--features nccl"), "{e}");
+            assert!(e.contains("--features mpi"), "{e}");
         }
+        let nccl = DistConfig {
+            backend: Backend::Nccl,
+            ..Default::default()
+        };
+        assert!(Comm::init(&nccl).is_err());
         let bad = DistConfig {
             timeout_s: 0.0,
             ..Default::default()

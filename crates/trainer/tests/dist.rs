@@ -432,7 +432,7 @@ fn a_killed_rank_ends_the_job_and_the_rerun_resumes_it_exactly() {
     assert!(out.status.success(), "{}", text(&out));
     let resumed = metrics(&dir.join("killed"));
     let from = resumed.iter().find_map(|m| m.resumed_from).unwrap();
-    assert!(from >= 5 && from < LONG, "resumed from step {from}");
+    assert!((5..LONG).contains(&from), "resumed from step {from}");
     // ... and matches the uninterrupted run, exactly (same ranks, same order of sums).
     let out = mpirun(2, test, dir, &[("RUN", "whole")])
         .unwrap()

@@ -1,1 +1,0 @@
-//! NCCL backend (written below).
