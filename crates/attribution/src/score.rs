@@ -77,30 +77,24 @@ impl std::str::FromStr for LabelMode {
 
 /// Attribution of the active latents of `N = B·T` tokens.
 pub struct Attribution {
-    /// The SAE codes of the teacher's residual (indices/values `[N, k]`).
+    /// The SAE codes of the teacher's residual (indices/values `[N, w]`: `w = k` for a TopK
+    /// SAE, the batch's largest active count for ReLU/JumpReLU SAEs, see [`SparseCodes`]).
     pub codes: SparseCodes,
-    /// `a = z · ⟨g, W_dec[:, i]⟩` for each kept latent, `[N, k]`.
+    /// `a = z · ⟨g, W_dec[:, i]⟩` for each kept latent, `[N, w]` (0 at value-0 padding).
     pub scores: Tensor,
     /// The teacher's mean next-token loss on the batch.
     pub teacher_loss: f32,
 }
 
 /// Attribution scores for `ids [B, T]`: x and g from the teacher's `residual_grad` at
-/// `layer`, z from the SAE, and one dot product of g with a decoder column per active latent.
+/// `layer`, z from the SAE, and one dot product of g with a decoder column per kept latent.
+/// The same rule for every SAE type (TopK, ReLU, JumpReLU; any input normalisation).
 pub fn attribute(teacher: &Gpt2, sae: &Sae, ids: &Tensor, layer: usize) -> Result<Attribution> {
     sae.check_input_width(teacher.cfg.n_embd, &format!("the teacher at layer {layer}"))?;
     let rg = teacher.residual_grad(ids, layer)?;
-    let d = teacher.cfg.n_embd;
-    let g = rg.grad.reshape(((), d))?; // [N, d]
+    let g = rg.grad.reshape(((), teacher.cfg.n_embd))?; // [N, d]
     let codes = sae.encode(&rg.hidden)?;
-    let (n, k) = codes.indices.dims2()?;
-    let cols = sae
-        .decoder
-        .index_select(&codes.indices.flatten_all()?, 1)?
-        .t()?
-        .reshape((n, k, d))?; // [N, k, d]
-    let dots = cols.broadcast_mul(&g.unsqueeze(1)?)?.sum(2)?; // [N, k]
-    let scores = (dots * &codes.values)?;
+    let scores = (sae.decoder_dots(&codes.indices, &g)? * &codes.values)?; // [N, w]
     Ok(Attribution {
         codes,
         scores,
@@ -113,7 +107,7 @@ pub fn attribute_dense(teacher: &Gpt2, sae: &Sae, ids: &Tensor, layer: usize) ->
     let rg = teacher.residual_grad(ids, layer)?;
     let g = rg.grad.reshape(((), teacher.cfg.n_embd))?;
     let z = sae.dense(&sae.encode(&rg.hidden)?)?;
-    Ok((g.matmul(&sae.decoder)? * z)?)
+    Ok((g.matmul(&sae.w_dec().t()?)? * z)?) // W_dec [C, d]
 }
 
 /// The `K_attr` labels of each token and their scores, `([N, K_attr] u32, [N, K_attr])`.

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+mod attribution;
 mod bench;
-mod bench_dist;
-mod bench_train;
-mod commands;
-mod parity;
+mod common;
+mod eval;
+mod generate;
+mod sae;
 
 /// Candle allocates a fresh buffer per op; by default glibc maps and unmaps every buffer
 /// over 128 KiB (page faults and TLB shootdowns across threads each time). Keeping buffers
@@ -33,7 +34,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Tokenize text files, folders and JSONL (field `text`) into train.bin / val.bin shards.
+    /// Tokenize Parquet, JSONL (.gz/.zst), text files, folders, globs and hf:// datasets into
+    /// train.bin / val.bin shards.
     Prepare(PrepareArgs),
     /// Run the whole method from a config: data, teacher, SAE, labels, students, report.
     Train(TrainArgs),
@@ -42,21 +44,22 @@ enum Command {
     Compare(CompareArgs),
     /// Evaluate models (perplexity) and compare runs.
     #[command(subcommand)]
-    Eval(commands::EvalCommand),
+    Eval(eval::EvalCommand),
     /// Generate text from a GPT-2 or CoCoMix model, optionally steering concepts.
-    Generate(commands::GenerateArgs),
+    Generate(generate::GenerateArgs),
     /// Train a TopK SAE on a teacher, or encode text with one.
     #[command(subcommand)]
-    Sae(commands::SaeCommand),
+    Sae(sae::SaeCommand),
     /// Concept attribution scores and labels of a text (JSON).
-    Attribute(commands::AttributeArgs),
+    Attribute(attribution::AttributeArgs),
     /// Build the label cache of a prepared data folder.
     #[command(subcommand)]
-    Labels(commands::LabelsCommand),
-    /// Measure throughput; prints JSON with --json.
+    Labels(attribution::LabelsCommand),
+    /// Measure throughput and peak memory; prints JSON with --json.
     Bench(bench::BenchArgs),
-    /// Compare the golden tiny batch on the CPU and on this build's device (CUDA/Metal).
-    Parity(parity::ParityArgs),
+    /// The golden tiny batch on this build's device against the CPU and the golden values;
+    /// exits non-zero naming each failing tensor.
+    Parity(bench::ParityArgs),
 }
 
 /// Re-running the same command continues an interrupted job: finished stages and runs are
@@ -149,18 +152,32 @@ fn compare(args: CompareArgs) -> Result<()> {
 }
 
 #[derive(clap::Args)]
+#[command(
+    after_help = "Inputs: files, folders (walked recursively), shell globs such as \
+'data/**/*.parquet' (quote them), and Hugging Face datasets \
+hf://datasets/OWNER/NAME[@REVISION]/PATH_GLOB (downloaded into the hub cache; offline, its \
+cached files are used). Formats: .parquet (the text column, row groups streamed); \
+.jsonl/.ndjson (one JSON object per line), optionally .gz or .zst, and .json.gz/.json.zst \
+as JSON Lines; .txt/.md/.text (one document per file), optionally .gz or .zst.\n\n\
+A killed preparation run again with the same arguments continues after its last finished \
+file; an identical finished one is reused."
+)]
 struct PrepareArgs {
-    /// Input files (.txt, .md, .jsonl, optionally .gz) or folders of them.
+    /// Input files, folders, globs or hf://datasets/OWNER/NAME/PATH_GLOB (formats below).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
     /// Output folder (train.bin, val.bin, meta.json, tokenizer.json).
     #[arg(long, short)]
     out: PathBuf,
+    /// JSON Lines field / Parquet column holding the document text.
+    #[arg(long, default_value = cocomix_data::DEFAULT_FIELD)]
+    field: String,
     /// Tokenizer: `gpt2` (bundled), a tokenizer.json, a folder with vocab.json + merges.txt,
     /// or a Hugging Face repo id.
     #[arg(long, default_value = "gpt2", conflicts_with = "train_tokenizer")]
     tokenizer: String,
-    /// Train a byte-level BPE of this many tokens on the inputs instead (small CPU runs).
+    /// Train a byte-level BPE of this many tokens on the inputs instead (small CPU runs;
+    /// reads the whole corpus into memory).
     #[arg(long, value_name = "VOCAB_SIZE")]
     train_tokenizer: Option<usize>,
     /// Fraction of documents held out for validation.
@@ -174,7 +191,8 @@ struct PrepareArgs {
 fn prepare(args: PrepareArgs) -> Result<()> {
     let tok = match args.train_tokenizer {
         Some(vocab) => {
-            let docs = cocomix_data::read_documents(&args.inputs)?;
+            let docs =
+                cocomix_data::Corpus::resolve(&args.inputs, &args.field)?.read_documents()?;
             tracing::info!(
                 "training a {vocab}-token byte-level BPE on {} documents",
                 docs.len()
@@ -187,6 +205,7 @@ fn prepare(args: PrepareArgs) -> Result<()> {
     let opts = cocomix_data::PrepareOptions {
         val_fraction: args.val_fraction,
         seed: args.seed,
+        field: args.field,
         ..cocomix_data::PrepareOptions::new(args.inputs, args.out)
     };
     let meta = cocomix_data::prepare(&opts, &tok)?;
@@ -215,13 +234,13 @@ fn main() {
         Command::Prepare(a) => prepare(a),
         Command::Train(a) => train(a),
         Command::Compare(a) => compare(a),
-        Command::Eval(c) => commands::eval(c),
-        Command::Generate(a) => commands::generate(a),
-        Command::Sae(c) => commands::sae(c),
-        Command::Attribute(a) => commands::attribute(a),
-        Command::Labels(c) => commands::labels(c),
-        Command::Bench(a) => bench::run(a),
-        Command::Parity(a) => parity::run(a),
+        Command::Eval(c) => eval::run(c),
+        Command::Generate(a) => generate::run(a),
+        Command::Sae(c) => sae::run(c),
+        Command::Attribute(a) => attribution::attribute(a),
+        Command::Labels(c) => attribution::labels(c),
+        Command::Bench(a) => bench::bench(a),
+        Command::Parity(a) => bench::parity(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

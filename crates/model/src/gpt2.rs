@@ -420,6 +420,13 @@ pub trait ResidualHook {
     fn apply(&self, x: &Tensor) -> Result<Tensor>;
 }
 
+/// Any `Fn(&Tensor) -> Result<Tensor>` is a hook (e.g. a closure over an SAE and its edits).
+impl<F: Fn(&Tensor) -> Result<Tensor>> ResidualHook for F {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        self(x)
+    }
+}
+
 /// A residual hook at one layer.
 pub struct Hook<'a> {
     pub layer: usize,

@@ -4,11 +4,12 @@
 //! later blocks. Without the concept path it is the NTP baseline (plain GPT-2).
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::gpt2::{Dropout, Gpt2, Gpt2Config, KvCache};
-use crate::ops::{causal_mask, topk, unbiased_layer_norm};
+use crate::ops::{apply_steer, causal_mask, topk, unbiased_layer_norm};
+pub use crate::ops::{Steer, SteerMode};
 use crate::params::{save_safetensors, Init, Params, TensorFile};
 use crate::{Error, Result};
 
@@ -127,25 +128,6 @@ impl StudentConfig {
             .map_err(|e| Error::invalid(path, e.to_string()))?;
         Ok(cfg)
     }
-}
-
-/// How a steering entry changes a predicted concept logit.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum SteerMode {
-    /// `z[c] += value`
-    Add,
-    /// `z[c] = value`
-    Set,
-}
-
-/// One steering entry, applied to the predicted concept logits before the TopK.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Steer {
-    pub index: usize,
-    pub value: f32,
-    pub mode: SteerMode,
-    /// Keep the concept among the TopK whatever its value (it replaces the lowest kept).
-    pub force: bool,
 }
 
 /// The concept path's parameters (reference-release names).
@@ -391,11 +373,7 @@ impl ConceptPath {
         let Some((_, compress_b)) = &self.compress else {
             return Ok((None, z.reshape((b, t, c_dim))?));
         };
-        let z_used = if steer.is_empty() {
-            z.clone()
-        } else {
-            apply_steer(&z, steer)?
-        };
+        let z_used = apply_steer(&z, steer)?; // z itself without steering
         let (mut idx, _) = topk(&z_used.detach(), k)?; // [N, K_c], no gradient through the choice
         if steer.iter().any(|s| s.force) {
             idx = force_into_topk(&idx, steer, n, k)?;
@@ -445,32 +423,6 @@ impl ConceptPath {
         let mask = Tensor::from_vec(mask, (n, c), z.device())?.to_dtype(z.dtype())?;
         Ok((z * mask)?.matmul(&self.compress_w()?.t()?)?)
     }
-}
-
-fn apply_steer(z: &Tensor, steer: &[Steer]) -> Result<Tensor> {
-    let c = z.dim(D::Minus1)?;
-    let (mut add, mut keep, mut set) = (vec![0f32; c], vec![1f32; c], vec![0f32; c]);
-    for s in steer {
-        if s.index >= c {
-            return Err(Error::Other(format!(
-                "steering index {} is out of range for {c} concepts",
-                s.index
-            )));
-        }
-        match s.mode {
-            SteerMode::Add => add[s.index] += s.value,
-            SteerMode::Set => {
-                keep[s.index] = 0.0;
-                set[s.index] = s.value;
-                add[s.index] = 0.0;
-            }
-        }
-    }
-    let dev = z.device();
-    let t = |v: Vec<f32>| Tensor::from_vec(v, c, dev).and_then(|t| t.to_dtype(z.dtype()));
-    Ok(z.broadcast_mul(&t(keep)?)?
-        .broadcast_add(&t(set)?)?
-        .broadcast_add(&t(add)?)?)
 }
 
 fn force_into_topk(idx: &Tensor, steer: &[Steer], n: usize, k: usize) -> Result<Tensor> {

@@ -5,12 +5,10 @@
 //! ([`train_dist`], the `[dist]` config section).
 pub mod compare;
 mod config;
-pub mod eval;
 pub mod optim;
 pub mod pipeline;
 pub mod report;
 mod run;
-pub mod tasks;
 
 pub use cocomix_dist::{launcher_rank, Comm, DistConfig};
 pub use config::*;

@@ -98,12 +98,14 @@ pub fn prepare_data(cfg: &RunConfig) -> Result<(Dataset, Tokenizer)> {
     Ok((ds, tok))
 }
 
-/// The student an objective trains: a plain GPT-2 at the NTP width for NTP and KD; the
-/// concept path (interleaved or not) or the pause vector at `model.d_model` otherwise.
+/// The student an objective trains on a vocabulary of `vocab_size` ids with EOT `eot_id`:
+/// a plain GPT-2 at the NTP width for NTP and KD; the concept path (with `n_latents`
+/// concepts, the SAE's; interleaved or not) or the pause vector at `model.d_model` otherwise.
 pub fn student_config(
     cfg: &RunConfig,
     objective: Objective,
-    tok: &Tokenizer,
+    vocab_size: usize,
+    eot_id: u32,
     n_latents: usize,
 ) -> StudentConfig {
     let m = &cfg.model;
@@ -112,9 +114,9 @@ pub fn student_config(
     } else {
         m.d_model
     };
-    let gpt2 = Gpt2Config::new(tok.vocab_size(), m.context, d, m.n_layer, m.n_head)
+    let gpt2 = Gpt2Config::new(vocab_size, m.context, d, m.n_layer, m.n_head)
         .with_dropout(m.dropout)
-        .with_eot(tok.eot_id());
+        .with_eot(eot_id);
     let concept = |interleave| ConceptConfig {
         concept_dim: n_latents,
         concept_num: cfg.concept.concept_num,
@@ -441,15 +443,13 @@ fn safetensors_meta(path: &Path) -> Option<std::collections::HashMap<String, Str
 pub fn cache_spec(
     cfg: &RunConfig,
     teacher: &Teacher,
-    sae_path: &Path,
     sae: &Sae,
     data: &Dataset,
 ) -> Result<LabelCacheSpec> {
     Ok(LabelCacheSpec::new(
         &teacher.name,
         &teacher.weights,
-        sae_path,
-        sae.n_latents(),
+        sae,
         data.meta(),
         LabelChoice {
             layer: cfg.teacher.layer,
@@ -535,7 +535,7 @@ impl Shared {
             _ => None,
         };
         let mut caches = Vec::new();
-        if let (Some(t), Some((s, p))) = (&teacher, &sae) {
+        if let (Some(t), Some((s, _))) = (&teacher, &sae) {
             if cfg.concept.labels == LabelSource::Cache {
                 stage(4, "label cache", comm);
                 let mut modes: Vec<LabelMode> = arms
@@ -546,7 +546,7 @@ impl Shared {
                 modes.sort();
                 modes.dedup();
                 for mode in modes {
-                    let mut spec = cache_spec(cfg, t, p, s, &data)?;
+                    let mut spec = cache_spec(cfg, t, s, &data)?;
                     spec.mode = mode;
                     let dir = LabelCache::path_for(&cfg.data.dir, &spec);
                     let cache = LabelCache::build_dist(
@@ -649,7 +649,13 @@ pub fn train_student(
         .sae
         .as_ref()
         .map_or(cfg.sae.n_latents, |s| s.0.n_latents());
-    let student = student_config(cfg, objective, &shared.tok, n_latents);
+    let student = student_config(
+        cfg,
+        objective,
+        shared.tok.vocab_size(),
+        shared.tok.eot_id(),
+        n_latents,
+    );
     // A run folder with checkpoints is an interrupted run of this job: continue it.
     let resume = root_decides(comm, || dir.join("checkpoints").is_dir())?;
     let mut spec = base_spec(

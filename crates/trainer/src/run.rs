@@ -725,11 +725,17 @@ fn check_ranks_agree(spec: &TrainSpec, st: &RunState, comm: &Comm) -> Result<()>
     comm.check_same("teacher", &teacher)?;
     let labels = match &spec.labels {
         Some(Labels::Cache(c)) => digest(&[&json(serde_json::json!(c.meta()))]),
-        Some(Labels::Online { sae, layer, mode }) => digest(&[
-            &json(serde_json::json!({"layer": layer, "mode": mode, "k": sae.k})),
-            &tensor_bytes(&sae.encoder)?,
-            &tensor_bytes(&sae.decoder)?,
-        ]),
+        Some(Labels::Online { sae, layer, mode }) => {
+            let p = sae.parts();
+            let rule = format!("{:?} {:?} {}", p.activation, p.input_norm, p.b_dec_on_input);
+            digest(&[
+                &json(serde_json::json!({"layer": layer, "mode": mode, "rule": rule})),
+                &tensor_bytes(&p.w_enc)?,
+                &tensor_bytes(&p.b_enc)?,
+                &tensor_bytes(&p.w_dec)?,
+                &tensor_bytes(&p.b_dec)?,
+            ])
+        }
         None => "none".into(),
     };
     comm.check_same("concept labels", &labels)?;

@@ -180,7 +180,7 @@ fn run(
     concept.lambda = lambda;
     let spec = TrainSpec {
         objective,
-        student: student_config(cfg, objective, tok, 24),
+        student: student_config(cfg, objective, tok.vocab_size(), tok.eot_id(), 24),
         optim: cfg.optim.clone(),
         data,
         run_dir: dir.to_path_buf(),

@@ -1,12 +1,23 @@
-//! `cocomix bench dist`: what data parallelism costs. Each case runs as MPI ranks of this
-//! binary (`mpirun -np N cocomix bench dist --case …`, built with `--features mpi`).
+//! `bench dist`: what data parallelism costs. Each case runs as MPI ranks of the caller's
+//! binary (`mpirun -np N cocomix bench dist --case …`, built with `--features mpi`), at the
+//! shapes of configs/default.toml and configs/gpt2-69m.toml.
 use std::time::Instant;
 
-use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use cocomix_dist::{Backend, Comm, DistConfig, ReduceOp};
+use cocomix_trainer::Objective;
+use serde_json::{json, Value};
 
-use crate::bench::{paper_69m, tiny};
+use crate::common::synthetic_data;
+use crate::configs::BenchConfig;
+use crate::{Error, Result};
+
+/// The cases of `bench dist`.
+pub const CASES: [&str; 3] = [
+    "train-default-ntp-1rank",
+    "train-default-ntp-2rank",
+    "allreduce-69m",
+];
 
 /// Ranks a case runs on.
 pub fn ranks(case: &str) -> usize {
@@ -17,12 +28,16 @@ pub fn ranks(case: &str) -> usize {
 }
 
 /// Runs `case` as one rank; every rank returns the same figures.
-pub fn run(case: &str) -> Result<serde_json::Value> {
+pub fn run(case: &str) -> Result<Value> {
     let comm = Comm::init(&DistConfig {
         backend: Backend::Mpi,
         ..Default::default()
     })
-    .context("bench dist runs under mpirun with a binary built with --features mpi")?;
+    .map_err(|e| {
+        Error::Other(format!(
+            "bench dist runs under mpirun with a binary built with --features mpi: {e}"
+        ))
+    })?;
     let v = match case {
         "allreduce-69m" => allreduce_69m(&comm)?,
         c => train_throughput(c, &comm)?,
@@ -34,11 +49,12 @@ pub fn run(case: &str) -> Result<serde_json::Value> {
 /// The gradient all-reduce of one optimizer step at the paper's 69M shapes (NTP and
 /// CoCoMix students): bytes per rank, time with the host copies (what a step pays) and
 /// MPI's part, bus bandwidth as nccl-tests defines it (2(N − 1)/N · bytes / time).
-fn allreduce_69m(comm: &Comm) -> Result<serde_json::Value> {
+fn allreduce_69m(comm: &Comm) -> Result<Value> {
     const REPS: u32 = 5;
+    let bc = BenchConfig::gpt2_69m()?;
     let mut out = serde_json::Map::new();
-    for (name, cocomix) in [("ntp", false), ("cocomix", true)] {
-        let s = cocomix_model::Student::new(&paper_69m(cocomix), 0, &Device::Cpu)?;
+    for (name, objective) in [("ntp", Objective::Ntp), ("cocomix", Objective::Cocomix)] {
+        let s = cocomix_model::Student::new(&bc.student(objective)?, 0, &Device::Cpu)?;
         let grads: Vec<Tensor> = s
             .vars()
             .iter()
@@ -58,7 +74,7 @@ fn allreduce_69m(comm: &Comm) -> Result<serde_json::Value> {
         let n = comm.world() as f64;
         out.insert(
             name.into(),
-            serde_json::json!({
+            json!({
                 "params": params,
                 "bytes_per_step": bytes,
                 "buckets_per_step": (after.calls - before.calls) / REPS as u64,
@@ -68,33 +84,38 @@ fn allreduce_69m(comm: &Comm) -> Result<serde_json::Value> {
             }),
         );
     }
-    Ok(
-        serde_json::json!({"case": "allreduce-69m", "ranks": comm.world(), "bucket_mb": comm.bucket_bytes() as f64 / (1 << 20) as f64, "results": out}),
-    )
+    Ok(json!({
+        "case": "allreduce-69m", "config": bc.file, "ranks": comm.world(),
+        "bucket_mb": comm.bucket_bytes() as f64 / (1 << 20) as f64, "results": out,
+    }))
 }
 
-/// NTP training steps of the default config's student (B = 16, T = 128) on `world` ranks.
-fn train_throughput(case: &str, comm: &Comm) -> Result<serde_json::Value> {
-    let student = tiny(false);
-    let batch = 16;
+/// NTP training steps of the default config's student (B = 16) on the world's ranks.
+fn train_throughput(case: &str, comm: &Comm) -> Result<Value> {
+    let bc = BenchConfig::default_toml()?;
+    let student = bc.student(Objective::Ntp)?;
+    let (batch, t) = (16, student.gpt2.n_positions);
     // Rank 0 makes the folder and the data; the others use them.
     let dir = if comm.is_root() {
         let d = std::env::temp_dir().join(format!("cocomix-bench-dist-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
-        crate::bench_train::synthetic_data(&d.join("data"), &student, batch)?;
+        let vocab = student.gpt2.vocab_size;
+        synthetic_data(&d.join("data"), vocab, (batch * 4 + 1) * t + 1, t + 1)?;
         d.to_string_lossy().into_owned()
     } else {
         String::new()
     };
-    let dir =
-        std::path::PathBuf::from(String::from_utf8(comm.broadcast_bytes(dir.as_bytes(), 0)?)?);
+    let dir = comm.broadcast_bytes(dir.as_bytes(), 0)?;
+    let dir = std::path::PathBuf::from(String::from_utf8_lossy(&dir).into_owned());
     comm.barrier()?;
     let data = cocomix_data::Dataset::open(dir.join("data"))?;
-    let c = crate::bench_train::cfg_for(&student, batch)?;
+    let r = &bc.run;
     let steps = 8;
-    let mut optim = c.optim.clone();
+    let mut optim = r.optim.clone();
     optim.steps = steps;
     optim.warmup = 0;
+    optim.batch_size = batch;
+    optim.grad_accum = 1;
     let spec = cocomix_trainer::TrainSpec {
         objective: cocomix_trainer::Objective::Ntp,
         student,
@@ -104,8 +125,8 @@ fn train_throughput(case: &str, comm: &Comm) -> Result<serde_json::Value> {
         seed: 0,
         teacher: None,
         labels: None,
-        concept: c.concept.clone(),
-        kd: c.kd.clone(),
+        concept: r.concept.clone(),
+        kd: r.kd.clone(),
         eval_every: 1_000_000,
         max_val_blocks: 1,
         checkpoint_every: 1_000_000,
@@ -135,8 +156,8 @@ fn train_throughput(case: &str, comm: &Comm) -> Result<serde_json::Value> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     let grad_bytes = (stats.bytes - before.bytes) as f64 / steps as f64;
-    Ok(serde_json::json!({
-        "case": case, "ranks": comm.world(), "batch": batch, "seq_len": 128,
+    Ok(json!({
+        "case": case, "config": bc.file, "ranks": comm.world(), "batch": batch, "seq_len": t,
         "threads_per_rank": rayon_threads(), "tokens_per_s": tps[0],
         "allreduce_bytes_per_step": grad_bytes,
         "allreduce_s_per_step": (stats.seconds - before.seconds) / steps as f64,
