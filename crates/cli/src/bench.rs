@@ -48,6 +48,10 @@ enum What {
     Train,
     /// HellaSwag requests/s (4 alternatives per document) with a GPT-2 124M-shaped model.
     Eval,
+    /// SmolLM2-135M as a teacher (the GGUF of scripts/fetch-smollm2.sh; skipped when
+    /// absent): forward tokens/s at T = 128 and 1024, residual gradient at its middle layer,
+    /// label-cache build.
+    Smollm2,
 }
 
 /// Peak resident set size of this process in MiB (Linux; 0 elsewhere).
@@ -74,7 +78,7 @@ fn cases(what: What, small: bool) -> Vec<&'static str> {
             "train-69m-cocomix-cached",
             "train-69m-cocomix-online",
         ],
-        What::Eval => &[],
+        What::Eval | What::Smollm2 => &[],
     };
     let base: &[&str] = match what {
         What::Data => &["data"],
@@ -88,6 +92,12 @@ fn cases(what: What, small: bool) -> Vec<&'static str> {
             "train-default-cocomix-online",
         ],
         What::Eval => &["eval-hellaswag-124m"],
+        What::Smollm2 => &[
+            "smollm2-forward-128",
+            "smollm2-forward-1024",
+            "smollm2-residual-grad",
+            "smollm2-labels",
+        ],
     };
     base.iter()
         .chain(if small { &[][..] } else { big })
@@ -158,6 +168,7 @@ fn what_name(w: What) -> &'static str {
         What::Attribution => "attribution",
         What::Train => "train",
         What::Eval => "eval",
+        What::Smollm2 => "smollm2",
     }
 }
 
@@ -181,6 +192,7 @@ fn run_case(case: &str, args: &BenchArgs) -> Result<serde_json::Value> {
         "labels-cached-vs-online-124m" => labels_cached_vs_online(),
         c if c.starts_with("train-") => crate::bench_train::run(c, args.batch, &args.precision),
         "eval-hellaswag-124m" => eval_hellaswag(),
+        c if c.starts_with("smollm2-") => smollm2(c),
         other => anyhow::bail!("unknown bench case {other}"),
     }
 }
@@ -471,4 +483,77 @@ fn eval_hellaswag() -> Result<serde_json::Value> {
     Ok(
         serde_json::json!({ "case": "eval-hellaswag-124m", "documents": 8, "requests": 32, "requests_per_s": 32.0 / secs }),
     )
+}
+
+/// Where scripts/fetch-smollm2.sh puts SmolLM2-135M-Instruct (Q4_1 GGUF).
+const SMOLLM2: &str = "data/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// SmolLM2-135M as a teacher, dequantized to f32 once at load (not timed; `load_s`).
+fn smollm2(case: &str) -> Result<serde_json::Value> {
+    if !std::path::Path::new(SMOLLM2).is_file() {
+        eprintln!("bench: {SMOLLM2} is absent (run scripts/fetch-smollm2.sh): {case} skipped");
+        return Ok(serde_json::json!({ "case": case, "skipped": format!("{SMOLLM2} is absent") }));
+    }
+    let t0 = Instant::now();
+    let m = cocomix_model::Llama::load(SMOLLM2, &dev()?)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let (layer, vocab, d) = (
+        m.cfg.num_hidden_layers / 2,
+        m.cfg.vocab_size,
+        m.cfg.hidden_size,
+    );
+    let mut v = match case {
+        "smollm2-forward-128" | "smollm2-forward-1024" => {
+            let t = if case.ends_with("-128") { 128 } else { 1024 };
+            let ids = random_ids(1, t, vocab)?;
+            m.forward(&ids)?;
+            let (n, secs) = timed(|_| m.forward(&ids).map(|_| ()).map_err(Into::into))?;
+            serde_json::json!({ "seq_len": t, "tokens_per_s": (n * t) as f64 / secs, "calls_timed": n })
+        }
+        "smollm2-residual-grad" => {
+            let ids = random_ids(1, 1024, vocab)?;
+            m.residual_grad(&ids, layer)?;
+            let (n, secs) =
+                timed(|_| m.residual_grad(&ids, layer).map(|_| ()).map_err(Into::into))?;
+            serde_json::json!({ "layer": layer, "seq_len": 1024, "tokens_per_s": (n * 1024) as f64 / secs, "calls_timed": n })
+        }
+        "smollm2-labels" => {
+            use cocomix_attribution::{LabelCache, LabelCacheSpec, LabelMode};
+            let sae = random_sae(d, 32768, 32)?;
+            let dir =
+                std::env::temp_dir().join(format!("cocomix-bench-smollm2-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let (windows, t) = (3usize, 1024usize);
+            let toks: Vec<u8> = (0..windows * t + 1)
+                .flat_map(|i| (((i * 2_654_435_761) % vocab) as u16).to_le_bytes())
+                .collect();
+            std::fs::write(dir.join("train.bin"), toks)?;
+            let shard = cocomix_data::TokenShard::open(
+                &dir.join("train.bin"),
+                cocomix_data::TokenDtype::U16,
+                (windows * t + 1) as u64,
+            )?;
+            let spec = LabelCacheSpec {
+                teacher: SMOLLM2.into(),
+                teacher_sha256: "-".into(),
+                sae_sha256: "-".into(),
+                layer,
+                k_attr: 4,
+                window: t,
+                mode: LabelMode::Faithful,
+                n_latents: 32768,
+                data: "bench".into(),
+                max_windows: 0,
+            };
+            let t0 = Instant::now();
+            LabelCache::build(&m, &sae, &spec, &shard, &dir.join("cache"), 1)?;
+            let secs = t0.elapsed().as_secs_f64();
+            std::fs::remove_dir_all(&dir).ok();
+            serde_json::json!({ "layer": layer, "seq_len": t, "windows": windows, "sae_latents": 32768, "labelled_tokens_per_s": (windows * t) as f64 / secs })
+        }
+        other => anyhow::bail!("unknown bench case {other}"),
+    };
+    v["case"] = case.into();
+    v["load_s"] = load_s.into();
+    Ok(v)
 }

@@ -9,9 +9,16 @@ use cocomix_model::{AnyModel, Gpt2, Hook, ResidualHook, Sampling, Steer, SteerMo
 use cocomix_sae::Sae;
 use cocomix_trainer::default_device;
 
-/// The tokenizer of a model folder, else the bundled GPT-2 one.
+/// The tokenizer of a model: a GGUF file's own, a folder's, a hub repo's, else the bundled
+/// GPT-2 one.
 fn model_tokenizer(spec: &str) -> Result<Tokenizer> {
     let dir = Path::new(spec);
+    if dir.is_file() && cocomix_model::gguf::is_gguf_path(dir) {
+        return Ok(Tokenizer::from_gguf(dir)?);
+    }
+    if !dir.exists() && spec.split('/').count() == 2 && !spec.starts_with('.') {
+        return Ok(Tokenizer::load(spec)?);
+    }
     if dir.is_dir() {
         if let Some(t) = Tokenizer::from_dir(dir)? {
             return Ok(t);
@@ -416,7 +423,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
                 );
             }
             let sae = Sae::load(s, &dev)?;
-            sae.check_input_width(model.gpt2().cfg.n_embd, &a.model)?;
+            sae.check_input_width(model.d_model(), &a.model)?;
             Some(sae)
         }
         None => None,
