@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// layout or GGUF) or a CoCoMix student.
 pub enum AnyModel {
     Gpt2(Gpt2),
-    Llama(Llama),
+    Llama(Box<Llama>),
     Student(Box<Student>),
 }
 
@@ -32,7 +32,7 @@ impl AnyModel {
     /// student, a GPT-2 config a [`Gpt2`]. Other model types are refused by name.
     pub fn load(spec: &str, device: &Device) -> Result<Self> {
         if crate::gguf::is_gguf_path(Path::new(spec)) {
-            return Ok(Self::Llama(Llama::load(spec, device)?));
+            return Ok(Self::Llama(Box::new(Llama::load(spec, device)?)));
         }
         let config = resolve_hf_files(spec)?.config;
         let text = std::fs::read_to_string(&config).map_err(|e| Error::io(&config, e))?;
@@ -44,9 +44,9 @@ impl AnyModel {
             .any(|a| a == "LlamaForCausalLM" || a == "MistralForCausalLM");
         match kind.model_type.as_deref() {
             Some(t) if MODEL_TYPES.contains(&t) => {
-                return Ok(Self::Llama(Llama::load(spec, device)?))
+                return Ok(Self::Llama(Box::new(Llama::load(spec, device)?)))
             }
-            None if llama_arch => return Ok(Self::Llama(Llama::load(spec, device)?)),
+            None if llama_arch => return Ok(Self::Llama(Box::new(Llama::load(spec, device)?))),
             None | Some("gpt2") => {}
             Some(other) => {
                 return Err(Error::invalid(
@@ -73,7 +73,7 @@ impl AnyModel {
     pub fn teacher(&self) -> Option<&dyn CausalLm> {
         match self {
             Self::Gpt2(g) => Some(g),
-            Self::Llama(l) => Some(l),
+            Self::Llama(l) => Some(l.as_ref()),
             Self::Student(_) => None,
         }
     }

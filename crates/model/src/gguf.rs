@@ -142,10 +142,13 @@ impl GgufFile {
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| {
+            // Candle appends a backtrace to the message when RUST_BACKTRACE is set.
             let msg = e.to_string();
+            let msg = msg.lines().next().unwrap_or_default();
             let unknown = msg
                 .strip_prefix("unknown dtype for tensor ")
-                .and_then(|id| id.trim().parse::<u32>().ok());
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|id| id.parse::<u32>().ok());
             match unknown {
                 Some(id) => Error::invalid(
                     path,
@@ -365,9 +368,9 @@ impl GgufFile {
                 ));
             }
         }
-        let (vocab, _) = self
+        let vocab = self
             .tensor_info("token_embd.weight")
-            .map(|(_, s)| (s[0], s))
+            .and_then(|(_, s)| s.first().copied())
             .ok_or_else(|| Error::MissingTensor {
                 path: self.path.clone(),
                 name: "token_embd.weight".into(),
@@ -384,7 +387,7 @@ impl GgufFile {
         let legacy_linear = self.f64_value(&key("rope.scale_linear"))?;
         let rope_scaling = match (scaling.as_deref(), legacy_linear) {
             (None | Some("none"), None) => None,
-            (None | Some("none"), Some(f)) if f == 1.0 => None,
+            (None | Some("none"), Some(1.0)) => None,
             (None, Some(f)) | (Some("linear"), Some(f)) => Some(f),
             (Some("linear"), None) => Some(
                 self.f64_value(&key("rope.scaling.factor"))?.ok_or_else(|| {

@@ -4,9 +4,10 @@
 //!
 //! Weights come from a Hugging Face folder or hub id (`config.json` + `model.safetensors`,
 //! or shards listed in `model.safetensors.index.json`) or from a GGUF file ([`crate::gguf`]).
-//! RMSNorm, softmax and RoPE are built from ops that have a backward pass (Candle's fused
-//! ones cut the graph), so the gradient of the loss reaches the residual stream; matmuls
-//! against frozen weights compute no weight gradient.
+//! In a graph, RMSNorm, softmax and RoPE are built from ops that have a backward pass
+//! (Candle's fused ones cut the graph), so the gradient of the loss reaches the residual
+//! stream; without one (inference) the fused kernels run. Matmuls against frozen weights
+//! compute no weight gradient.
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -360,7 +361,19 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
 }
 
-/// RMSNorm (Zhang & Sennrich 2019) from primitives: `x / √(mean(x²) + ε) · w`, in f32.
+/// Softmax over the last dimension. Candle's fused kernel has no backward, so it runs only
+/// where no gradient is wanted (inference, the blocks below a residual gradient); in a graph
+/// the softmax is built from primitives.
+fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.track_op() {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// RMSNorm (Zhang & Sennrich 2019): `x / √(mean(x²) + ε) · w`, in f32. From primitives in a
+/// graph; Candle's fused kernel (no backward) otherwise.
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
     pub weight: Tensor,
@@ -369,6 +382,9 @@ pub struct RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !x.track_op() && !self.weight.track_op() {
+            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
+        }
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?; // [.., 1]
         x.broadcast_mul(&(ms + self.eps)?.sqrt()?.recip()?)?
             .broadcast_mul(&self.weight)
@@ -481,10 +497,11 @@ impl Attention {
         let g = h / kvh;
         // Query head i reads key/value head i / g (Hugging Face's `repeat_kv`). Stacking the
         // g query heads of a group along time lets every group share its K/V without copies.
-        let q = q.reshape((b, kvh, g * s, hd))?;
-        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [B, KV, g·S, P]
+        // The 1/√hd scale goes on q: P/hd times fewer products than on the scores.
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, kvh, g * s, hd))?;
+        let att = q.matmul(&k.t()?)?; // [B, KV, g·S, P]
         let att = att.reshape((b, h, s, p))?.broadcast_add(mask)?;
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?; // [B, H, S, P]
+        let att = softmax_last(&att)?; // [B, H, S, P]
         let y = att.reshape((b, kvh, g * s, p))?.matmul(&v)?; // [B, KV, g·S, hd]
         let y = y
             .reshape((b, h, s, hd))?

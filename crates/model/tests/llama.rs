@@ -349,6 +349,36 @@ fn rope_scaling_matches_pytorch() {
 }
 
 #[test]
+fn mistral_configs_load_with_their_window_as_the_context() {
+    // Mistral's modeling is Llama's plus a sliding window; within the window the full causal
+    // mask is exact, so the model refuses longer sequences instead of masking differently.
+    let r = reference();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("hf/config.json")).unwrap())
+            .unwrap();
+    cfg["model_type"] = "mistral".into();
+    cfg["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    cfg["sliding_window"] = 6.into();
+    let dir = hf_with_config(&cfg.to_string());
+    let m = AnyModel::load(&spec(dir.path()), &DEV).unwrap();
+    assert_eq!(m.context(), 6);
+    let x = ids(&r);
+    let want = r["logits"].narrow(1, 0, 6).unwrap();
+    assert_close(
+        &m.logits(&x.narrow(1, 0, 6).unwrap()).unwrap(),
+        &want,
+        1e-4,
+        1e-4,
+        "mistral",
+    );
+    let e = err_text(m.logits(&x));
+    assert!(
+        e.contains("8 positions exceed the model's context of 6"),
+        "{e}"
+    );
+}
+
+#[test]
 fn bad_gguf_files_are_refused_by_name() {
     let e = err_text(Llama::load(&fixture("bad-iq4_nl.gguf"), &DEV));
     assert!(e.contains("bad-iq4_nl.gguf") && e.contains("IQ4_NL"), "{e}");
