@@ -8,12 +8,14 @@ gguf_file=...)`, the same text and the same windows as `cocomix eval ppl`.
     cocomix eval ppl --model data/models/SmolLM2-135M-Instruct.Q4_1.gguf \
         --text data/smollm2-sample.txt --seq-len 512 --json
 
-Rules shared with `cocomix eval ppl` (crates/trainer/src/eval.rs):
-- the whole file is tokenized once, with no BOS or other special token added (SmolLM2's GGUF
-  says `add_bos_token = false`);
-- non-overlapping windows: window i reads tokens [i·L, i·L + L) and predicts
-  [i·L + 1, i·L + L + 1), so every token after the first is predicted once; the last window
-  may be shorter;
+Rules shared with `cocomix eval ppl` (crates/eval: lm-evaluation-harness's
+`loglikelihood_rolling`):
+- the whole file is tokenized once with no special token added (SmolLM2's GGUF says
+  `add_bos_token = false`), and the end-of-text token (`<|endoftext|>`, id 0) is put in front
+  as the context of the first token, so every token of the text is predicted once;
+- rolling windows (`get_rolling_token_windows`, context_len 1): window k predicts tokens
+  [1 + k·L, 1 + (k+1)·L) from the tokens just before them; the last, shorter window reads the
+  L tokens before its end and scores only its new tokens;
 - perplexity = exp(mean NLL over all predictions).
 
 Tokenizer: transformers 5.x builds the GGUF's tokenizer but has no mapping for llama.cpp's
@@ -21,11 +23,13 @@ Tokenizer: transformers 5.x builds the GGUF's tokenizer but has no mapping for l
 llama.cpp isolate every digit first. The script sets that pre-tokenizer (as cocomix does);
 `--unpatched` scores transformers' fallback tokenization too, for comparison.
 
-Needs torch, transformers, gguf and accelerate (transformers' GGUF loader requires it).
+Needs torch, transformers, gguf and accelerate (transformers' GGUF loader requires it; e.g.
+a venv with `pip install torch transformers gguf accelerate`).
 """
 import argparse
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -50,21 +54,28 @@ def write_sample(path, n_chars):
     print(f"{path}: {len(docs)} documents, {size} characters")
 
 
+def windows(n, seq_len):
+    """(input start, input length, scored) of each window over n tokens, as cocomix."""
+    out = []
+    for a in range(1, n, seq_len):
+        b = min(a + seq_len, n)
+        length = min(seq_len, b - 1)
+        out.append((b - 1 - length, length, b - a))
+    return out
+
+
 def perplexity(model, ids, seq_len, batch):
     import torch
 
-    starts = list(range(0, len(ids) - 1, seq_len))
-    total, count = 0.0, 0
-    i = 0
-    while i < len(starts):
-        n = min(seq_len, len(ids) - 1 - starts[i])
-        group = [starts[i]]
-        while len(group) < batch and i + len(group) < len(starts) and min(seq_len, len(ids) - 1 - starts[i + len(group)]) == n:
-            group.append(starts[i + len(group)])
-        x = torch.tensor([ids[s : s + n] for s in group])
-        y = torch.tensor([ids[s + 1 : s + 1 + n] for s in group])
+    ws = windows(len(ids), seq_len)
+    total, count, i = 0.0, 0, 0
+    while i < len(ws):
+        group = list(itertools.takewhile(lambda w: w[1:] == ws[i][1:], ws[i : i + batch]))
+        _, length, m = ws[i]
+        x = torch.tensor([ids[s : s + length] for s, _, _ in group])
+        y = torch.tensor([ids[s + 1 + length - m : s + 1 + length] for s, _, _ in group])
         with torch.no_grad():
-            logits = model(x).logits.float()
+            logits = model(x).logits.float()[:, length - m :]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
         total += nll.item()
         count += y.numel()
@@ -96,11 +107,13 @@ def main():
         text = f.read()
     model = LlamaForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
-    runs = [("transformers-unpatched", list(tok(text, add_special_tokens=False)["input_ids"]))] if args.unpatched else []
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    encode = lambda: [eot] + list(tok(text, add_special_tokens=False)["input_ids"])
+    runs = [("transformers-unpatched", encode())] if args.unpatched else []
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     )
-    runs.insert(0, ("smollm", list(tok(text, add_special_tokens=False)["input_ids"])))
+    runs.insert(0, ("smollm", encode()))
     for kind, ids in runs:
         nll, n = perplexity(model, ids, args.seq_len, args.batch)
         sha = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo xtask train [--features cuda|metal] [ARGS...]   the main job: cocomix train ARGS
+//! cargo xtask compare [ARGS...]                          objectives over seeds: cocomix compare ARGS
 //! cargo xtask eval RUN_DIR...                            comparison table of finished runs
 //! cargo xtask bench WHAT [--json]                        benchmarks: cocomix bench WHAT
 //! cargo xtask run [ARGS...]                              any cocomix subcommand
@@ -18,10 +19,11 @@ fn root() -> PathBuf {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo xtask <train|eval|bench|run> [--features cuda|metal] [ARGS...]\n\n\
-         train   the main job: cocomix train [--config FILE] [--set k=v] [--resume]\n\
+        "usage: cargo xtask <train|compare|eval|bench|run> [--features cuda|metal] [ARGS...]\n\n\
+         train   the main job: cocomix train [--config FILE] [--set k=v]\n\
+         compare cocomix compare --config FILE [--seeds N] [--objectives a,b] [--lambdas x,y]\n\
          eval    cocomix eval runs RUN_DIR... (default: runs/default)\n\
-         bench   cocomix bench WHAT [--json]  (WHAT: data, model)\n\
+         bench   cocomix bench WHAT [--json]  (WHAT: data, model, sae, attribution, train, eval, smollm2)\n\
          run     run any cocomix subcommand with the release binary"
     );
     exit(2)
@@ -73,7 +75,7 @@ fn main() {
         }
     }
     let sub: Vec<String> = match task.as_str() {
-        "train" => std::iter::once("train".to_string()).chain(args).collect(),
+        "train" | "compare" => std::iter::once(task.clone()).chain(args).collect(),
         "eval" => {
             let runs = if args.is_empty() {
                 vec!["runs/default".to_string()]

@@ -58,26 +58,41 @@ pub struct LabelChoice {
 }
 
 impl LabelCacheSpec {
-    /// The spec of a cache labelled by `teacher` (named `teacher_name`, weights in
-    /// `teacher_weights`) through the SAE in `sae_file` with `n_latents` latents, over the
-    /// training shard of the data folder described by `data`. Hashes both files.
+    /// The spec of a cache labelled by a teacher (named `teacher_name`, weights in
+    /// `teacher_weights`) through `sae`, over the training shard of the data folder described
+    /// by `data`. Hashes the teacher's weights and the SAE's files.
     pub fn new(
         teacher_name: &str,
         teacher_weights: &Path,
-        sae_file: &Path,
-        n_latents: usize,
+        sae: &Sae,
         data: &cocomix_data::DataMeta,
         choice: LabelChoice,
     ) -> Result<Self> {
+        let sae_sha256 = match sae.files() {
+            [] => {
+                return Err(Error::Other(
+                    "the SAE was built in memory: no file identifies its label cache".into(),
+                ))
+            }
+            [one] => cocomix_data::file_sha256(one)?,
+            // A folder SAE (weights, cfg.json, …): the hash of its files' hashes.
+            many => {
+                let hashes = many
+                    .iter()
+                    .map(|f| cocomix_data::file_sha256(f))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                cocomix_data::sha256_hex(hashes.join("\n").as_bytes())
+            }
+        };
         Ok(Self {
             teacher: teacher_name.to_string(),
             teacher_sha256: cocomix_data::file_sha256(teacher_weights)?,
-            sae_sha256: cocomix_data::file_sha256(sae_file)?,
+            sae_sha256,
             layer: choice.layer,
             k_attr: choice.k_attr,
             window: choice.window,
             mode: choice.mode,
-            n_latents,
+            n_latents: sae.n_latents(),
             data: format!("{}:{}", data.tokenizer_identity, data.train_tokens),
             max_windows: choice.max_windows,
         })

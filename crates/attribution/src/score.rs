@@ -6,7 +6,9 @@ use cocomix_sae::{Sae, SparseCodes};
 use crate::{Error, Result};
 
 /// How the `K_attr` labels of a token are chosen from its scores.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum LabelMode {
     /// The reference release: the `K_attr` largest **signed** scores over all C latents,
@@ -19,33 +21,74 @@ pub enum LabelMode {
     /// them, the ranked list repeats cyclically (so the loss weights them more), and a
     /// token with none falls back to the faithful rule.
     ActiveOnly,
+    /// As `ActiveOnly`, ranked by the **most negative** score: the concepts whose removal
+    /// would raise the teacher's loss the most (to first order), i.e. the opposite sign of
+    /// the reference release's choice.
+    Negative,
+    /// As `ActiveOnly`, ranked by |score|.
+    Magnitude,
+    /// As `ActiveOnly`, ranked by the SAE activation z instead of the attribution (the
+    /// paper's activation-vs-attribution ablation).
+    Activation,
+}
+
+impl LabelMode {
+    /// Every mode, with the names configs use.
+    pub const ALL: [LabelMode; 5] = [
+        LabelMode::Faithful,
+        LabelMode::ActiveOnly,
+        LabelMode::Negative,
+        LabelMode::Magnitude,
+        LabelMode::Activation,
+    ];
+
+    /// The name configs and the CLI use.
+    pub fn name(self) -> &'static str {
+        match self {
+            LabelMode::Faithful => "faithful",
+            LabelMode::ActiveOnly => "active-only",
+            LabelMode::Negative => "negative",
+            LabelMode::Magnitude => "magnitude",
+            LabelMode::Activation => "activation",
+        }
+    }
+}
+
+impl std::fmt::Display for LabelMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl std::str::FromStr for LabelMode {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "faithful" => Ok(Self::Faithful),
-            "active-only" => Ok(Self::ActiveOnly),
-            _ => Err(Error::Other(format!(
-                "label mode {s:?}: expected faithful or active-only"
-            ))),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                Error::Other(format!(
+                    "label mode {s:?}: expected one of {}",
+                    Self::ALL.map(|m| m.name()).join(", ")
+                ))
+            })
     }
 }
 
 /// Attribution of the active latents of `N = B·T` tokens.
 pub struct Attribution {
-    /// The SAE codes of the teacher's residual (indices/values `[N, k]`).
+    /// The SAE codes of the teacher's residual (indices/values `[N, w]`: `w = k` for a TopK
+    /// SAE, the batch's largest active count for ReLU/JumpReLU SAEs, see [`SparseCodes`]).
     pub codes: SparseCodes,
-    /// `a = z · ⟨g, W_dec[:, i]⟩` for each kept latent, `[N, k]`.
+    /// `a = z · ⟨g, W_dec[:, i]⟩` for each kept latent, `[N, w]` (0 at value-0 padding).
     pub scores: Tensor,
     /// The teacher's mean next-token loss on the batch.
     pub teacher_loss: f32,
 }
 
 /// Attribution scores for `ids [B, T]`: x and g from the teacher's `residual_grad` at
-/// `layer`, z from the SAE, and one dot product of g with a decoder column per active latent.
+/// `layer`, z from the SAE, and one dot product of g with a decoder column per kept latent.
+/// The same rule for every SAE type (TopK, ReLU, JumpReLU; any input normalisation).
 pub fn attribute(
     teacher: &dyn CausalLm,
     sae: &Sae,
@@ -57,14 +100,7 @@ pub fn attribute(
     let rg = teacher.residual_grad(ids, layer)?;
     let g = rg.grad.reshape(((), d))?; // [N, d]
     let codes = sae.encode(&rg.hidden)?;
-    let (n, k) = codes.indices.dims2()?;
-    let cols = sae
-        .decoder
-        .index_select(&codes.indices.flatten_all()?, 1)?
-        .t()?
-        .reshape((n, k, d))?; // [N, k, d]
-    let dots = cols.broadcast_mul(&g.unsqueeze(1)?)?.sum(2)?; // [N, k]
-    let scores = (dots * &codes.values)?;
+    let scores = (sae.decoder_dots(&codes.indices, &g)? * &codes.values)?; // [N, w]
     Ok(Attribution {
         codes,
         scores,
@@ -82,7 +118,7 @@ pub fn attribute_dense(
     let rg = teacher.residual_grad(ids, layer)?;
     let g = rg.grad.reshape(((), teacher.d_model()))?;
     let z = sae.dense(&sae.encode(&rg.hidden)?)?;
-    Ok((g.matmul(&sae.decoder)? * z)?)
+    Ok((g.matmul(&sae.w_dec().t()?)? * z)?) // W_dec [C, d]
 }
 
 /// The `K_attr` labels of each token and their scores, `([N, K_attr] u32, [N, K_attr])`.
@@ -128,17 +164,29 @@ fn select(
     k: usize,
     mode: LabelMode,
 ) -> Vec<(u32, f32)> {
-    if mode == LabelMode::ActiveOnly {
-        let mut active: Vec<(u32, f32)> = idx
+    // The ranking key of an active latent `(z, a)` in the active-only family.
+    let key: Option<fn(f32, f32) -> f32> = match mode {
+        LabelMode::Faithful => None,
+        LabelMode::ActiveOnly => Some(|_, a| a),
+        LabelMode::Negative => Some(|_, a| -a),
+        LabelMode::Magnitude => Some(|_, a| a.abs()),
+        LabelMode::Activation => Some(|z, _| z),
+    };
+    if let Some(key) = key {
+        // (index, key, score): ranked by key, the label keeps its attribution score.
+        let mut active: Vec<(u32, f32, f32)> = idx
             .iter()
             .zip(z)
             .zip(a)
             .filter(|((_, &z), _)| z > 0.0)
-            .map(|((&i, _), &s)| (i, s))
+            .map(|((&i, &z), &s)| (i, key(z, s), s))
             .collect();
         if !active.is_empty() {
-            active.sort_by(by_score_then_index);
-            return (0..k).map(|j| active[j % active.len()]).collect();
+            active.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+            return (0..k)
+                .map(|j| active[j % active.len()])
+                .map(|(i, _, s)| (i, s))
+                .collect();
         }
     }
     // Faithful: the dense score vector is 0 except at active latents; take its top k.
@@ -183,6 +231,13 @@ mod tests {
         // Active-only ranks the three active latents (z > 0) and cycles.
         let o = select(&idx, &z, &a, 12, 4, LabelMode::ActiveOnly);
         assert_eq!(o, vec![(7, 0.5), (1, 0.1), (3, -0.2), (7, 0.5)]);
+        // The sign ablation ranks the most negative first; magnitude by |a|; activation by z.
+        let n = select(&idx, &z, &a, 12, 3, LabelMode::Negative);
+        assert_eq!(n, vec![(3, -0.2), (1, 0.1), (7, 0.5)]);
+        let m = select(&idx, &z, &a, 12, 3, LabelMode::Magnitude);
+        assert_eq!(m, vec![(7, 0.5), (3, -0.2), (1, 0.1)]);
+        let act = select(&idx, &z, &a, 12, 4, LabelMode::Activation);
+        assert_eq!(act, vec![(7, 0.5), (3, -0.2), (1, 0.1), (7, 0.5)]);
         // With ≥ K_attr positive scores the two modes agree.
         let a2 = [0.5f32, 0.2, 0.3, 0.1];
         let z2 = [2.0f32, 1.0, 0.3, 0.5];

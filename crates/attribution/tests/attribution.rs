@@ -19,9 +19,14 @@ fn golden() -> (Gpt2, Sae) {
     (t, s)
 }
 
-fn tiny() -> (Gpt2, Sae) {
+/// A random 3-layer GPT-2 with d = 16.
+fn tiny_teacher() -> Gpt2 {
     let cfg = Gpt2Config::new(50, 32, 16, 3, 2).with_dropout(0.0);
-    let t = Gpt2::new(&cfg, &mut Params::random(11, &DEV, false)).unwrap();
+    Gpt2::new(&cfg, &mut Params::random(11, &DEV, false)).unwrap()
+}
+
+fn tiny() -> (Gpt2, Sae) {
+    let t = tiny_teacher();
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let mut r =
         |n: usize, s: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-s..s)).collect() };
@@ -115,7 +120,7 @@ fn attribution_is_the_first_order_change_of_the_teacher_loss() {
     let z: Vec<Vec<f32>> = att.codes.values.to_vec2().unwrap();
     let a: Vec<Vec<f32>> = att.scores.to_vec2().unwrap();
     let std: Vec<f32> = att.codes.std.flatten_all().unwrap().to_vec1().unwrap();
-    let dec: Vec<Vec<f32>> = sae.decoder.t().unwrap().to_vec2().unwrap(); // [C][d]
+    let dec: Vec<Vec<f32>> = sae.w_dec().to_vec2().unwrap(); // [C][d]
     let mut checked = 0;
     for tok in 0..5 {
         for j in 0..4 {
@@ -167,6 +172,97 @@ fn sparse_and_dense_paths_agree_and_labels_are_deterministic() {
         let (a, _) = labels(&att, 40, 4, mode).unwrap();
         let (b, _) = labels(&attribute(&t, &sae, &ids, 1).unwrap(), 40, 4, mode).unwrap();
         assert_eq!(a.to_vec2::<u32>().unwrap(), b.to_vec2::<u32>().unwrap());
+    }
+}
+
+/// Codes `[N, w]` padded to `[N, C]`: each row's entries, then every other latent with value 0.
+fn pad_to_every_latent(codes: &cocomix_sae::SparseCodes, c: usize) -> (Tensor, Tensor) {
+    let idx: Vec<Vec<u32>> = codes.indices.to_vec2().unwrap();
+    let val: Vec<Vec<f32>> = codes.values.to_vec2().unwrap();
+    let (mut all_i, mut all_v) = (Vec::new(), Vec::new());
+    for (i, v) in idx.iter().zip(&val) {
+        all_i.extend(i);
+        all_i.extend((0..c as u32).filter(|j| !i.contains(j)));
+        all_v.extend(v);
+        all_v.resize(all_i.len(), 0.0);
+    }
+    let n = idx.len();
+    (
+        Tensor::from_vec(all_i, (n, c), &DEV).unwrap(),
+        Tensor::from_vec(all_v, (n, c), &DEV).unwrap(),
+    )
+}
+
+/// The SAELens and sparsify SAEs of the SAE crate's fixtures (written by those libraries),
+/// all with d = 16 like [`tiny_teacher`].
+const ECOSYSTEM: [&str; 7] = [
+    "saelens-topk",
+    "saelens-topk-layernorm",
+    "saelens-relu",
+    "saelens-relu-scaled",
+    "saelens-jumprelu",
+    "saelens-legacy-topk",
+    "sparsify/layers.1",
+];
+
+#[test]
+fn attribution_is_z_times_decoder_dot_g_for_every_sae_type() {
+    let t = tiny_teacher();
+    let ids = Tensor::new(
+        &[[1u32, 2, 3, 4, 5, 6, 7, 8], [9, 9, 10, 11, 40, 41, 2, 0]],
+        &DEV,
+    )
+    .unwrap();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../sae/tests/fixtures/ecosystem");
+    for name in ECOSYSTEM {
+        let sae = Sae::load(root.join(name).to_str().unwrap(), &DEV).unwrap();
+        let c = sae.n_latents();
+        let att = attribute(&t, &sae, &ids, 1).unwrap();
+        let dense = attribute_dense(&t, &sae, &ids, 1).unwrap();
+        let nonzero = dense
+            .ne(0f64)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert!(scalar(&nonzero) > 16.0, "{name}: too few non-zero scores");
+        assert_close(
+            &sparse_to_dense(&att, c),
+            &dense,
+            1e-4,
+            1e-7,
+            &format!("{name}: sparse vs dense attribution"),
+        );
+        // Padding entries (value 0) score exactly 0, and padding the codes to all C latents
+        // changes no label.
+        let z: Vec<f32> = att.codes.values.flatten_all().unwrap().to_vec1().unwrap();
+        let a: Vec<f32> = att.scores.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(
+            z.iter().zip(&a).all(|(z, a)| *z != 0.0 || *a == 0.0),
+            "{name}"
+        );
+        let (all_idx, all_val) = pad_to_every_latent(&att.codes, c);
+        let wide = cocomix_attribution::Attribution {
+            scores: dense.gather(&all_idx, 1).unwrap(),
+            codes: cocomix_sae::SparseCodes {
+                indices: all_idx,
+                values: all_val,
+                mean: att.codes.mean.clone(),
+                std: att.codes.std.clone(),
+            },
+            teacher_loss: att.teacher_loss,
+        };
+        for mode in [LabelMode::Faithful, LabelMode::ActiveOnly] {
+            let (l1, _) = labels(&att, c, 4, mode).unwrap();
+            let (l2, _) = labels(&wide, c, 4, mode).unwrap();
+            assert_eq!(
+                l1.to_vec2::<u32>().unwrap(),
+                l2.to_vec2::<u32>().unwrap(),
+                "{name}: {mode:?} labels with padded codes"
+            );
+        }
     }
 }
 

@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+mod attribution;
 mod bench;
-mod bench_train;
-mod commands;
-mod parity;
+mod common;
+mod eval;
+mod generate;
+mod sae;
 
 /// Candle allocates a fresh buffer per op; by default glibc maps and unmaps every buffer
 /// over 128 KiB (page faults and TLB shootdowns across threads each time). Keeping buffers
@@ -32,29 +34,36 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Tokenize text files, folders and JSONL (field `text`) into train.bin / val.bin shards.
+    /// Tokenize Parquet, JSONL (.gz/.zst), text files, folders, globs and hf:// datasets into
+    /// train.bin / val.bin shards.
     Prepare(PrepareArgs),
     /// Run the whole method from a config: data, teacher, SAE, labels, students, report.
     Train(TrainArgs),
+    /// Compare objectives over seeds (same batches per seed): mean ± std, paired differences
+    /// to NTP with 95% intervals, curves, token efficiency (runs/NAME/compare.{md,json,png}).
+    Compare(CompareArgs),
     /// Evaluate models (perplexity) and compare runs.
     #[command(subcommand)]
-    Eval(commands::EvalCommand),
+    Eval(eval::EvalCommand),
     /// Generate text from a GPT-2 or CoCoMix model, optionally steering concepts.
-    Generate(commands::GenerateArgs),
+    Generate(generate::GenerateArgs),
     /// Train a TopK SAE on a teacher, or encode text with one.
     #[command(subcommand)]
-    Sae(commands::SaeCommand),
+    Sae(sae::SaeCommand),
     /// Concept attribution scores and labels of a text (JSON).
-    Attribute(commands::AttributeArgs),
+    Attribute(attribution::AttributeArgs),
     /// Build the label cache of a prepared data folder.
     #[command(subcommand)]
-    Labels(commands::LabelsCommand),
-    /// Measure throughput; prints JSON with --json.
+    Labels(attribution::LabelsCommand),
+    /// Measure throughput and peak memory; prints JSON with --json.
     Bench(bench::BenchArgs),
-    /// Compare the golden tiny batch on the CPU and on this build's device (CUDA/Metal).
-    Parity(parity::ParityArgs),
+    /// The golden tiny batch on this build's device against the CPU and the golden values;
+    /// exits non-zero naming each failing tensor.
+    Parity(bench::ParityArgs),
 }
 
+/// Re-running the same command continues an interrupted job: finished stages and runs are
+/// reused, an interrupted run resumes from its last checkpoint.
 #[derive(clap::Args)]
 struct TrainArgs {
     /// Run config (TOML).
@@ -63,37 +72,96 @@ struct TrainArgs {
     /// Override a config key, e.g. --set optim.lr=3e-4 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// Continue interrupted runs from their latest checkpoints.
-    #[arg(long)]
-    resume: bool,
-}
-
-fn train(args: TrainArgs) -> Result<()> {
-    let cfg = cocomix_trainer::RunConfig::load(&args.config, &args.overrides)?;
-    let device = cocomix_trainer::default_device()?;
-    let opts = cocomix_trainer::pipeline::JobOptions {
-        resume: args.resume,
-    };
-    let dir = cocomix_trainer::pipeline::run_main_job(&cfg, &opts, &device)?;
-    let report = std::fs::read_to_string(dir.join("report.md")).context("reading the report")?;
-    println!("{report}");
-    eprintln!("report: {}", dir.join("report.md").display());
-    Ok(())
 }
 
 #[derive(clap::Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Seeds per objective (run.seeds): seed, seed + 1, … of the config.
+    #[arg(long)]
+    seeds: Option<usize>,
+    /// Objectives to compare (run.objectives), comma-separated: ntp, kd, cocomix,
+    /// predict-only, mix-only,
+    /// random-labels, pause; `cocomix[lambda=0.3,labels=negative]` sets its own λ and label mode.
+    #[arg(long, value_parser = cocomix_trainer::parse_arms)]
+    objectives: Option<Vec<cocomix_trainer::Arm>>,
+    /// Add CoCoMix arms with these λ (a λ sweep), e.g. --lambdas 0.03,0.3,1.
+    #[arg(long, value_delimiter = ',')]
+    lambdas: Vec<f64>,
+}
+
+fn run_job(cfg: &cocomix_trainer::RunConfig) -> Result<()> {
+    let device = cocomix_trainer::default_device()?;
+    let dir = cocomix_trainer::pipeline::run_main_job(cfg, &device)?;
+    let path = dir.join("compare.md");
+    let report = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the report {}", path.display()))?;
+    println!("{report}");
+    eprintln!("report: {}", path.display());
+    Ok(())
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    run_job(&cocomix_trainer::RunConfig::load(
+        &args.config,
+        &args.overrides,
+    )?)
+}
+
+fn compare(args: CompareArgs) -> Result<()> {
+    let mut overrides = args.train.overrides.clone();
+    if let Some(n) = args.seeds {
+        overrides.push(format!("run.seeds={n}"));
+    }
+    let mut arms = args.objectives.clone().unwrap_or_default();
+    if !args.lambdas.is_empty() {
+        if arms.is_empty() {
+            arms = cocomix_trainer::RunConfig::load(&args.train.config, &overrides)?
+                .run
+                .objectives;
+        }
+        for l in &args.lambdas {
+            arms.push(format!("cocomix[lambda={l}]").parse()?);
+        }
+    }
+    if !arms.is_empty() {
+        let list: Vec<String> = arms.iter().map(|a| format!("\"{a}\"")).collect();
+        overrides.push(format!("run.objectives=[{}]", list.join(",")));
+    }
+    run_job(&cocomix_trainer::RunConfig::load(
+        &args.train.config,
+        &overrides,
+    )?)
+}
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Inputs: files, folders (walked recursively), shell globs such as \
+'data/**/*.parquet' (quote them), and Hugging Face datasets \
+hf://datasets/OWNER/NAME[@REVISION]/PATH_GLOB (downloaded into the hub cache; offline, its \
+cached files are used). Formats: .parquet (the text column, row groups streamed); \
+.jsonl/.ndjson (one JSON object per line), optionally .gz or .zst, and .json.gz/.json.zst \
+as JSON Lines; .txt/.md/.text (one document per file), optionally .gz or .zst.\n\n\
+A killed preparation run again with the same arguments continues after its last finished \
+file; an identical finished one is reused."
+)]
 struct PrepareArgs {
-    /// Input files (.txt, .md, .jsonl, optionally .gz) or folders of them.
+    /// Input files, folders, globs or hf://datasets/OWNER/NAME/PATH_GLOB (formats below).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
     /// Output folder (train.bin, val.bin, meta.json, tokenizer.json).
     #[arg(long, short)]
     out: PathBuf,
+    /// JSON Lines field / Parquet column holding the document text.
+    #[arg(long, default_value = cocomix_data::DEFAULT_FIELD)]
+    field: String,
     /// Tokenizer: `gpt2` (bundled), a tokenizer.json, a folder with vocab.json + merges.txt,
     /// or a Hugging Face repo id.
     #[arg(long, default_value = "gpt2", conflicts_with = "train_tokenizer")]
     tokenizer: String,
-    /// Train a byte-level BPE of this many tokens on the inputs instead (small CPU runs).
+    /// Train a byte-level BPE of this many tokens on the inputs instead (small CPU runs;
+    /// reads the whole corpus into memory).
     #[arg(long, value_name = "VOCAB_SIZE")]
     train_tokenizer: Option<usize>,
     /// Fraction of documents held out for validation.
@@ -107,7 +175,8 @@ struct PrepareArgs {
 fn prepare(args: PrepareArgs) -> Result<()> {
     let tok = match args.train_tokenizer {
         Some(vocab) => {
-            let docs = cocomix_data::read_documents(&args.inputs)?;
+            let docs =
+                cocomix_data::Corpus::resolve(&args.inputs, &args.field)?.read_documents()?;
             tracing::info!(
                 "training a {vocab}-token byte-level BPE on {} documents",
                 docs.len()
@@ -120,6 +189,7 @@ fn prepare(args: PrepareArgs) -> Result<()> {
     let opts = cocomix_data::PrepareOptions {
         val_fraction: args.val_fraction,
         seed: args.seed,
+        field: args.field,
         ..cocomix_data::PrepareOptions::new(args.inputs, args.out)
     };
     let meta = cocomix_data::prepare(&opts, &tok)?;
@@ -141,13 +211,14 @@ fn main() {
     let result = match cli.command {
         Command::Prepare(a) => prepare(a),
         Command::Train(a) => train(a),
-        Command::Eval(c) => commands::eval(c),
-        Command::Generate(a) => commands::generate(a),
-        Command::Sae(c) => commands::sae(c),
-        Command::Attribute(a) => commands::attribute(a),
-        Command::Labels(c) => commands::labels(c),
-        Command::Bench(a) => bench::run(a),
-        Command::Parity(a) => parity::run(a),
+        Command::Compare(a) => compare(a),
+        Command::Eval(c) => eval::run(c),
+        Command::Generate(a) => generate::run(a),
+        Command::Sae(c) => sae::run(c),
+        Command::Attribute(a) => attribution::attribute(a),
+        Command::Labels(c) => attribution::labels(c),
+        Command::Bench(a) => bench::bench(a),
+        Command::Parity(a) => bench::parity(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -61,13 +61,23 @@ fn eval_ppl_json_matches_an_independent_computation() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let tok = Tokenizer::from_dir(&t).unwrap().unwrap();
     let ids = tok.encode(&TEXT.repeat(3)).unwrap();
-    assert_eq!(v["tokens"].as_u64().unwrap() as usize, ids.len() - 1);
-    // Independent: mean CE over windows of 16 inputs, via the library's model directly.
+    assert_eq!(
+        v["tokens"].as_u64().unwrap() as usize,
+        ids.len(),
+        "every token scored"
+    );
+    // Independent: lm-eval's rolling windows of 16 (the first token predicted from EOT, the
+    // last window reading a full context), mean CE via the library's model directly.
     let g = cocomix_model::Gpt2::load(t.to_str().unwrap(), &Device::Cpu).unwrap();
+    let all: Vec<u32> = std::iter::once(tok.eot_id()).chain(ids.clone()).collect();
     let (mut sum, mut n) = (0f64, 0usize);
-    for s in (0..ids.len() - 1).step_by(16) {
-        let len = 16.min(ids.len() - 1 - s);
-        let x = Tensor::new(&ids[s..s + len], &Device::Cpu)
+    let mut predicted = 0;
+    while predicted < ids.len() {
+        let m = 16.min(ids.len() - predicted); // tokens this window predicts
+        let end = predicted + m + 1; // in `all`, exclusive
+        let start = end.saturating_sub(17);
+        let input = &all[start..end - 1];
+        let x = Tensor::new(input, &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
             .unwrap();
@@ -78,19 +88,92 @@ fn eval_ppl_json_matches_an_independent_computation() {
             .unwrap()
             .to_vec2()
             .unwrap();
-        for (p, row) in logits.iter().enumerate() {
-            let m = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
-            let lse = m + row.iter().map(|&z| (z as f64 - m).exp()).sum::<f64>().ln();
-            sum += lse - row[ids[s + p + 1] as usize] as f64;
+        for p in input.len() - m..input.len() {
+            let row = &logits[p];
+            let mx = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let lse = mx + row.iter().map(|&z| (z as f64 - mx).exp()).sum::<f64>().ln();
+            sum += lse - row[all[start + p + 1] as usize] as f64;
             n += 1;
         }
+        predicted += m;
     }
+    assert_eq!(n, ids.len());
     let nll = sum / n as f64;
     assert!(
         (v["nll"].as_f64().unwrap() - nll).abs() < 1e-4,
         "{v} vs {nll}"
     );
     assert!((v["ppl"].as_f64().unwrap() - nll.exp()).abs() < 1e-3 * nll.exp());
+    // Word perplexity over lm-eval's word count (whitespace runs + 1; TEXT ends in a space).
+    let words = TEXT.repeat(3).split(' ').count();
+    assert_eq!(v["words"].as_u64().unwrap() as usize, words);
+    let wp = (sum / words as f64).exp();
+    assert!((v["word_perplexity"].as_f64().unwrap() - wp).abs() < 1e-3 * wp);
+}
+
+#[test]
+fn eval_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = teacher_with_tokenizer(dir.path());
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let out = bin()
+        .args(["eval", "ppl", "--model"])
+        .arg(&t)
+        .arg("--text")
+        .arg(&empty)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "{}: need at least two tokens to score",
+            empty.display()
+        )),
+        "{err}"
+    );
+    // A missing task file names the folder and the files looked for, before any work.
+    let out = bin()
+        .args(["eval", "tasks", "--model"])
+        .arg(&t)
+        .args(["--tasks", "piqa,winogrande", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(
+            &dir.path()
+                .join("piqa")
+                .join("requests.jsonl.gz")
+                .display()
+                .to_string()
+        ),
+        "{err}"
+    );
+    // Unknown task names are refused by the argument parser.
+    let out = bin()
+        .args(["eval", "tasks", "--model"])
+        .arg(&t)
+        .args(["--tasks", "piqa,bogus"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bogus"));
+    // A run folder without a report names the report.
+    let out = bin()
+        .args(["eval", "runs"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&dir.path().join("report.json").display().to_string()),
+        "{err}"
+    );
 }
 
 #[test]
@@ -173,7 +256,9 @@ fn generate_with_and_without_steering() {
             concept_dim: 24,
             concept_num: 4,
             insert_layer_index: 1,
+            interleave: true,
         }),
+        pause: None,
     };
     let m = dir.path().join("student");
     Student::new(&cfg, 1, &Device::Cpu)
@@ -195,6 +280,12 @@ fn generate_with_and_without_steering() {
     assert_eq!(plain, gen(&[]), "greedy decoding is deterministic");
     let steered = gen(&["--steer", "3=50", "--steer", "7=-50", "--force-topk"]);
     assert!(steered.starts_with("the cat"));
+    assert_ne!(steered, plain, "steering changes the generated text");
+    assert_eq!(gen(&["--steer", "3=0"]), plain, "adding 0 changes nothing");
+    assert_ne!(
+        gen(&["--steer", "3=400", "--steer-mode", "set", "--force-topk"]),
+        plain
+    );
     let out = bin()
         .args(["generate", "--model"])
         .arg(&m)
@@ -202,6 +293,39 @@ fn generate_with_and_without_steering() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("out of range"));
+}
+
+#[test]
+fn generate_steers_a_gpt2_through_its_sae_latents() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = teacher_with_tokenizer(dir.path());
+    let sae = golden().join("sae.pt");
+    let gen = |extra: &[&str]| {
+        run_ok(
+            bin()
+                .args(["generate", "--model"])
+                .arg(&t)
+                .args(["--prompt", "the cat sat", "--max-new-tokens", "12"])
+                .arg("--sae")
+                .arg(&sae)
+                .args(["--layer", "1"])
+                .args(extra),
+        )
+    };
+    let plain = gen(&[]);
+    assert_eq!(gen(&["--steer", "5=0"]), plain, "adding 0 changes nothing");
+    let steered = gen(&[
+        "--steer",
+        "3=60",
+        "--steer",
+        "100=60",
+        "--steer-mode",
+        "set",
+    ]);
+    assert_ne!(
+        steered, plain,
+        "a strong SAE steer changes the generated text"
+    );
 }
 
 const TINY: &str = r#"
@@ -306,15 +430,14 @@ fn a_sigkilled_run_resumes_to_the_same_losses() {
     let dir = tempfile::tempdir().unwrap();
     let full_cfg = tiny_config(dir.path(), "full");
     run_ok(bin().args(["train", "--config"]).arg(&full_cfg));
-    let full = dir.path().join("full/tiny/cocomix");
-    assert!(
-        dir.path().join("full/tiny/report.md").is_file()
-            && dir.path().join("full/tiny/loss.png").is_file()
-    );
+    let full = dir.path().join("full/tiny/cocomix/seed-3");
+    for f in ["compare.md", "compare.json", "compare.png"] {
+        assert!(dir.path().join("full/tiny").join(f).is_file(), "{f}");
+    }
 
     let cfg = tiny_config(dir.path(), "killed");
     let mut child = bin().args(["train", "--config"]).arg(&cfg).spawn().unwrap();
-    let run = dir.path().join("killed/tiny/cocomix");
+    let run = dir.path().join("killed/tiny/cocomix/seed-3");
     let t0 = std::time::Instant::now();
     // Kill -9 once the CoCoMix student has checkpointed step 10 or later.
     let newest = |run: &Path| -> u64 {
@@ -344,7 +467,8 @@ fn a_sigkilled_run_resumes_to_the_same_losses() {
     child.wait().unwrap();
     assert!(!run.join("final").exists(), "killed before the end");
     let at_kill = newest(&run);
-    run_ok(bin().args(["train", "--resume", "--config"]).arg(&cfg));
+    // The same command again continues the interrupted job.
+    run_ok(bin().args(["train", "--config"]).arg(&cfg));
     assert_eq!(metric_losses(&run), metric_losses(&full));
     // The run continued from the newest checkpoint the killed process left, not from step 0.
     let resumed: Vec<u64> = std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -401,19 +525,100 @@ fn parity_compares_every_golden_tensor() {
     let out = run_ok(bin().args(["parity", "--json", "--golden"]).arg(golden()));
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["failed"].as_array().unwrap().len(), 0, "{v}");
-    let names: Vec<&str> = v["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["tensor"].as_str().unwrap())
-        .collect();
-    for n in [
-        "teacher_resid_grad",
-        "labels",
-        "loss_total",
-        "grad.wte.weight",
-        "grad.concept_predictor.weight",
-    ] {
-        assert!(names.contains(&n), "{n} compared");
+    let checked = |against: &str| -> Vec<String> {
+        v["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["against"] == against && t["ok"] == true)
+            .map(|t| t["tensor"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let exp = candle_core::safetensors::load(golden().join("expected.safetensors"), &Device::Cpu)
+        .unwrap();
+    for name in exp.keys().filter(|n| *n != "input_ids") {
+        assert!(
+            checked("golden").contains(name),
+            "{name} compared with the golden file"
+        );
+        assert!(
+            checked("cpu").contains(name),
+            "{name} compared with the CPU"
+        );
     }
+    for n in [
+        "grad.wte.weight",
+        "grad.h.1.attn.c_proj.weight",
+        "grad.ln_f.bias",
+    ] {
+        assert!(checked("cpu").contains(&n.to_string()), "{n} compared");
+    }
+}
+
+#[test]
+fn parity_fails_loudly_naming_the_tensor() {
+    // A golden folder whose expected loss_total is off by 0.5 and whose labels hold a NaN.
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["teacher", "student"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(golden().join(sub).join(f), dir.path().join(sub).join(f)).unwrap();
+        }
+    }
+    std::fs::copy(
+        golden().join("sae.safetensors"),
+        dir.path().join("sae.safetensors"),
+    )
+    .unwrap();
+    let mut exp =
+        candle_core::safetensors::load(golden().join("expected.safetensors"), &Device::Cpu)
+            .unwrap();
+    let total = (exp["loss_total"].clone() + 0.5).unwrap();
+    exp.insert("loss_total".into(), total);
+    let mut scores: Vec<f32> = exp["label_scores"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    scores[5] = f32::NAN;
+    exp.insert(
+        "label_scores".into(),
+        Tensor::from_vec(scores, exp["label_scores"].shape(), &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&exp, dir.path().join("expected.safetensors")).unwrap();
+    let out = bin()
+        .args(["parity", "--json", "--golden"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "parity must exit non-zero");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("loss_total (vs golden): beyond tolerance")
+            && err.contains("label_scores (vs golden): 1 NaN/Inf value(s) in the reference"),
+        "{err}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(v["failed"].as_array().unwrap().len(), 2, "{v}");
+}
+
+#[test]
+fn bench_report_keeps_its_json_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("c.jsonl");
+    let doc = serde_json::json!({ "text": TEXT.repeat(20) }).to_string();
+    std::fs::write(&corpus, vec![doc; 20].join("\n")).unwrap();
+    let out = run_ok(
+        bin()
+            .args(["bench", "data", "--json", "--corpus"])
+            .arg(&corpus),
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["bench"], "data");
+    assert!(v["device"].is_string() && v["threads"].as_u64().unwrap() >= 1);
+    let r = &v["results"][0];
+    assert_eq!(r["case"], "data");
+    assert!(r["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    assert!(r["tokenize_tokens_per_s"].as_f64().unwrap() > 0.0);
 }

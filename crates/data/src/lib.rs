@@ -1,25 +1,34 @@
-//! Data side of cocomix: the tokenizer, turning text into token shards, and reading them.
+//! Data side of cocomix: the tokenizer, turning corpora (Parquet, JSON Lines and text files,
+//! gzip or zstd, folders, globs, Hugging Face datasets) into token shards, and reading them.
 //!
 //! ```no_run
 //! use cocomix_data::{prepare, Dataset, PrepareOptions, Tokenizer};
 //! let tok = Tokenizer::gpt2()?;
-//! let opts = PrepareOptions::new(vec!["corpus/".into()], "data/corpus".into());
+//! let opts = PrepareOptions::new(vec!["corpus/*.parquet".into()], "data/corpus".into());
 //! prepare(&opts, &tok)?;
 //! let data = Dataset::open("data/corpus")?;
 //! data.check_tokenizer(&tok)?;
 //! let batch = data.train_batch(4, 128, 22, 0)?; // [4, 129] token windows
 //! # Ok::<(), cocomix_data::Error>(())
 //! ```
+pub mod bench;
+mod corpus;
 mod error;
+mod hub;
 mod loader;
 mod prepare;
 mod progress;
+mod split;
 mod tokenizer;
 
+pub use corpus::{
+    Compression, Corpus, CorpusFile, FileStats, Format, ACCEPTED_FORMATS, DEFAULT_FIELD,
+};
 pub use error::{Error, Result};
 pub use loader::{Dataset, TokenShard};
 pub use prepare::{
     prepare, read_documents, source_hashes, DataMeta, PrepareOptions, SourceFile, TokenDtype,
+    PROGRESS_FILE,
 };
 pub use progress::{progress_bar, progress_bar_bytes};
 pub use tokenizer::Tokenizer;

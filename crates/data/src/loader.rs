@@ -19,7 +19,15 @@ impl TokenShard {
     pub fn open(path: &Path, dtype: TokenDtype, expected_tokens: u64) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let bytes = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let expected = expected_tokens * dtype.size() as u64;
+        let (Some(expected), Ok(len)) = (
+            dtype.byte_len(expected_tokens),
+            usize::try_from(expected_tokens),
+        ) else {
+            return Err(Error::invalid(
+                path,
+                format!("meta.json records {expected_tokens} tokens, more than this machine can address"),
+            ));
+        };
         if bytes != expected {
             return Err(Error::invalid(
                 path,
@@ -40,7 +48,7 @@ impl TokenShard {
             path: path.to_path_buf(),
             mmap,
             dtype,
-            len: expected_tokens as usize,
+            len,
         })
     }
 
@@ -197,9 +205,5 @@ pub(crate) fn block_starts(n: usize, seq_len: usize) -> Vec<usize> {
 }
 
 fn batch_rng(seed: u64, index: u64) -> rand::rngs::StdRng {
-    // SplitMix-style mixing so neighbouring (seed, index) pairs give unrelated streams.
-    let mut z = seed ^ index.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    rand::rngs::StdRng::seed_from_u64(z ^ (z >> 31))
+    rand::rngs::StdRng::seed_from_u64(crate::split::mix64(seed, index))
 }

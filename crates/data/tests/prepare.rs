@@ -223,3 +223,34 @@ fn truncated_shard_and_foreign_tokenizer_are_refused() {
         .to_string()
         .contains("meta.json"));
 }
+
+/// A shard past 4 GiB is read at the right offsets (a sparse file: nothing is written but
+/// the last tokens).
+#[test]
+fn shards_past_four_gib_are_read_at_64_bit_offsets() {
+    use std::io::{Seek, SeekFrom};
+    let dir = tempfile::tempdir().unwrap();
+    let tok = Tokenizer::gpt2().unwrap();
+    let out = dir.path().join("data");
+    // A real preparation gives a valid meta.json and val.bin; train.bin is replaced.
+    let c = corpus(dir.path());
+    let mut meta = prepare(&opts(vec![c], out.clone()), &tok).unwrap();
+    let n = (9u64 << 30) / 2 + 4; // 9 GiB + 8 bytes of u16 tokens
+    let f = std::fs::File::create(out.join("train.bin")).unwrap();
+    f.set_len(n * 2).unwrap();
+    let mut f = f;
+    f.seek(SeekFrom::Start(n * 2 - 8)).unwrap();
+    f.write_all(&[1, 0, 2, 0, 0xff, 0xff, 0x50, 0xc4]).unwrap();
+    drop(f);
+    meta.train_tokens = n;
+    std::fs::write(out.join("meta.json"), serde_json::to_string(&meta).unwrap()).unwrap();
+    let data = Dataset::open(&out).unwrap();
+    assert_eq!(data.train.len() as u64, n);
+    assert_eq!(
+        data.train.window(data.train.len() - 4, 4),
+        [1, 2, 65535, 50256]
+    );
+    assert_eq!(data.train.window((1 << 31) + 7, 2), [0, 0]);
+    let batch = data.train_batch(4, 16, 1, 0).unwrap();
+    assert_eq!(batch.len(), 4 * 17);
+}

@@ -380,6 +380,13 @@ pub trait ResidualHook {
     fn apply(&self, x: &Tensor) -> Result<Tensor>;
 }
 
+/// Any `Fn(&Tensor) -> Result<Tensor>` is a hook (e.g. a closure over an SAE and its edits).
+impl<F: Fn(&Tensor) -> Result<Tensor>> ResidualHook for F {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        self(x)
+    }
+}
+
 /// A residual hook at one layer.
 pub struct Hook<'a> {
     pub layer: usize,
@@ -404,6 +411,16 @@ impl KvCache {
     /// Tokens already in the cache.
     pub fn tokens(&self) -> usize {
         self.tokens
+    }
+
+    /// Positions cached in block `layer` (2 per token after an interleaving student's
+    /// insert layer; 0 for a block not run yet).
+    pub fn layer_len(&self, layer: usize) -> usize {
+        self.layers
+            .get(layer)
+            .and_then(|kv| kv.as_ref())
+            .and_then(|(k, _)| k.dim(2).ok())
+            .unwrap_or(0)
     }
 }
 

@@ -35,5 +35,7 @@ pub use gpt2::{
 };
 pub use llama::{Llama, LlamaConfig};
 pub use params::{Params, TensorFile};
-pub use student::{ConceptConfig, Steer, SteerMode, Student, StudentConfig, StudentOutput};
+pub use student::{
+    ConceptConfig, PauseConfig, Steer, SteerMode, Student, StudentConfig, StudentOutput,
+};
 pub use teacher::CausalLm;

@@ -364,9 +364,9 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Softmax over the last dimension. Candle's fused kernel has no backward, so it runs only
 /// where no gradient is wanted (inference, the blocks below a residual gradient); in a graph
 /// the softmax is built from primitives.
-fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+fn attention_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
     if x.track_op() {
-        candle_nn::ops::softmax(x, D::Minus1)
+        crate::gpt2::softmax_last(x)
     } else {
         candle_nn::ops::softmax_last_dim(x)
     }
@@ -501,7 +501,7 @@ impl Attention {
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, kvh, g * s, hd))?;
         let att = q.matmul(&k.t()?)?; // [B, KV, g·S, P]
         let att = att.reshape((b, h, s, p))?.broadcast_add(mask)?;
-        let att = softmax_last(&att)?; // [B, H, S, P]
+        let att = attention_softmax(&att)?; // [B, H, S, P]
         let y = att.reshape((b, kvh, g * s, p))?.matmul(&v)?; // [B, KV, g·S, hd]
         let y = y
             .reshape((b, h, s, hd))?

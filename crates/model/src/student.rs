@@ -4,11 +4,12 @@
 //! later blocks. Without the concept path it is the NTP baseline (plain GPT-2).
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::gpt2::{Dropout, Gpt2, Gpt2Config, KvCache};
-use crate::ops::{causal_mask, topk, unbiased_layer_norm};
+use crate::ops::{apply_steer, causal_mask, topk, unbiased_layer_norm};
+pub use crate::ops::{Steer, SteerMode};
 use crate::params::{save_safetensors, Init, Params, TensorFile};
 use crate::{Error, Result};
 
@@ -24,21 +25,77 @@ pub struct ConceptConfig {
     pub concept_num: usize,
     /// The concept is computed before this block; blocks from here on run on 2T positions.
     pub insert_layer_index: usize,
+    /// Interleave the continuous concept after every token (CoCoMix). `false` is the
+    /// paper's "concept prediction only" ablation: the concept logits are predicted (and
+    /// trained by the concept loss) but never fed back, and every block runs on T positions.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub interleave: bool,
 }
 
-/// A student's `config.json`: GPT-2 fields, plus the concept path for CoCoMix.
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+/// The pause-token baseline (Goyal et al. 2024, as the CoCoMix paper compares it): one
+/// learned vector `pause [d]` interleaved after every token from the insert block on, in the
+/// place where CoCoMix puts its continuous concept.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PauseConfig {
+    /// The pause vector enters before this block; blocks from here on run on 2T positions.
+    pub pause_insert_layer_index: usize,
+}
+
+/// A student's `config.json`: GPT-2 fields, plus the concept path for CoCoMix (or the pause
+/// vector of the pause baseline).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StudentConfig {
     #[serde(flatten)]
     pub gpt2: Gpt2Config,
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
     pub concept: Option<ConceptConfig>,
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<PauseConfig>,
 }
 
 impl StudentConfig {
+    /// A plain GPT-2 (the NTP and KD baselines).
+    pub fn gpt2(gpt2: Gpt2Config) -> Self {
+        Self {
+            gpt2,
+            concept: None,
+            pause: None,
+        }
+    }
+
+    /// The block before which the concept (or pause) slot is interleaved, if any.
+    pub fn interleave_layer(&self) -> Option<usize> {
+        match (&self.concept, &self.pause) {
+            (Some(c), _) if c.interleave => Some(c.insert_layer_index),
+            (_, Some(p)) => Some(p.pause_insert_layer_index),
+            _ => None,
+        }
+    }
+
     /// Checks the shape, including `insert_layer < n_layer` and `K_c ≤ C`.
     pub fn validate(&self) -> Result<()> {
         self.gpt2.validate()?;
+        if self.concept.is_some() && self.pause.is_some() {
+            return Err(Error::Config(
+                "a student has a concept path or a pause vector, not both".into(),
+            ));
+        }
+        if let Some(p) = &self.pause {
+            if p.pause_insert_layer_index >= self.gpt2.n_layer {
+                return Err(Error::Config(format!(
+                    "pause_insert_layer_index {} must be below n_layer {}",
+                    p.pause_insert_layer_index, self.gpt2.n_layer
+                )));
+            }
+        }
         if let Some(c) = &self.concept {
             if c.insert_layer_index >= self.gpt2.n_layer {
                 return Err(Error::Config(format!(
@@ -73,25 +130,6 @@ impl StudentConfig {
     }
 }
 
-/// How a steering entry changes a predicted concept logit.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum SteerMode {
-    /// `z[c] += value`
-    Add,
-    /// `z[c] = value`
-    Set,
-}
-
-/// One steering entry, applied to the predicted concept logits before the TopK.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Steer {
-    pub index: usize,
-    pub value: f32,
-    pub mode: SteerMode,
-    /// Keep the concept among the TopK whatever its value (it replaces the lowest kept).
-    pub force: bool,
-}
-
 /// The concept path's parameters (reference-release names).
 pub struct ConceptPath {
     pub cfg: ConceptConfig,
@@ -100,9 +138,9 @@ pub struct ConceptPath {
     /// `concept_predictor.weight [C, d]` (Linear layout) and `.bias [C]`
     pub predictor_w: Tensor,
     pub predictor_b: Tensor,
-    /// `compress_layer.weight [d, C]` (Linear layout) and `.bias [d]`
-    pub compress_w: Tensor,
-    pub compress_b: Tensor,
+    /// `compress_layer.weight [d, C]` (Linear layout) and `.bias [d]`; absent when the
+    /// concept is predicted but not interleaved.
+    pub compress: Option<(Tensor, Tensor)>,
     compute_dtype: DType,
 }
 
@@ -110,15 +148,18 @@ pub struct ConceptPath {
 pub struct StudentOutput {
     /// Next-token logits `[B, T, V]` (from the concept slots for CoCoMix).
     pub logits: Tensor,
-    /// Concept logits before the TopK, `[B, T, C]` (CoCoMix only).
+    /// Concept logits before the TopK, `[B, T, C]` (students with a concept path).
     pub concept_logits: Option<Tensor>,
 }
 
-/// A trainable student: CoCoMix, or the NTP baseline when `concept` is `None`.
+/// A trainable student: CoCoMix (or one of its ablations), or the NTP baseline when it has
+/// neither a concept path nor a pause vector.
 pub struct Student {
     pub cfg: StudentConfig,
     pub gpt: Gpt2,
     pub concept: Option<ConceptPath>,
+    /// The pause baseline's learned vector `pause [d]`.
+    pub pause: Option<Tensor>,
     vars: Vec<(String, Var)>,
 }
 
@@ -138,19 +179,31 @@ impl Student {
                     Init::Normal(0.02),
                 )?,
                 predictor_b: p.get("concept_predictor.bias", &[c.concept_dim], Init::Zeros)?,
-                compress_w: p.get(
-                    "compress_layer.weight",
-                    &[d, c.concept_dim],
-                    Init::Normal(0.02),
-                )?,
-                compress_b: p.get("compress_layer.bias", &[d], Init::Zeros)?,
+                compress: if c.interleave {
+                    Some((
+                        p.get(
+                            "compress_layer.weight",
+                            &[d, c.concept_dim],
+                            Init::Normal(0.02),
+                        )?,
+                        p.get("compress_layer.bias", &[d], Init::Zeros)?,
+                    ))
+                } else {
+                    None
+                },
                 compute_dtype: DType::F32,
             }),
         };
+        let pause = cfg
+            .pause
+            .as_ref()
+            .map(|_| p.get("pause", &[d], Init::Normal(0.02)))
+            .transpose()?;
         Ok(Self {
             cfg: cfg.clone(),
             gpt,
             concept,
+            pause,
             vars: p.into_vars(),
         })
     }
@@ -175,7 +228,7 @@ impl Student {
         let mut cfg = serde_json::to_value(&self.cfg).map_err(|e| Error::Other(e.to_string()))?;
         let obj = cfg.as_object_mut().expect("struct serialises to an object");
         obj.insert("model_type".into(), "gpt2".into());
-        let arch = if self.concept.is_some() {
+        let arch = if self.concept.is_some() || self.pause.is_some() {
             "GPT2CoCoMixLMHeadModel"
         } else {
             "GPT2LMHeadModel"
@@ -244,52 +297,69 @@ impl Student {
         let d = self.cfg.gpt2.n_embd;
         let past = cache.as_ref().map_or(0, |c| c.tokens());
         let dev = self.device().clone();
-        let h = self.gpt.embed(ids, past, dropout)?; // [B, T, d]
         let n_layer = self.cfg.gpt2.n_layer;
-        let Some(cp) = &self.concept else {
-            let mask = causal_mask(t, past + t, past, &dev)?;
-            let h =
-                self.gpt
-                    .run_blocks(h, 0..n_layer, &mask, cache.as_deref_mut(), None, dropout)?;
-            if let Some(c) = cache {
-                c.tokens += t;
-            }
-            return Ok(StudentOutput {
-                logits: self.gpt.head(&h)?,
-                concept_logits: None,
-            });
+        if !steer.is_empty() && self.cfg.interleave_layer().is_none() {
+            return Err(Error::Other(
+                "steering needs a student whose predicted concepts are interleaved".into(),
+            ));
+        }
+        // Blocks before `split` read the tokens alone; the concept (or pause) is computed at
+        // `split` and, when interleaved, every later block reads 2T positions.
+        let split = match (&self.concept, &self.cfg.pause) {
+            (Some(cp), _) => cp.cfg.insert_layer_index,
+            (None, Some(p)) => p.pause_insert_layer_index,
+            (None, None) => n_layer,
         };
-        let insert = cp.cfg.insert_layer_index;
+        let h = self.gpt.embed(ids, past, dropout)?; // [B, T, d]
         let mask = causal_mask(t, past + t, past, &dev)?;
         let h = self
             .gpt
-            .run_blocks(h, 0..insert, &mask, cache.as_deref_mut(), None, dropout)?;
-        let (c, concept_logits) = cp.concept(&h, steer)?; // [B, T, d], [B, T, C]
-        let h = Tensor::stack(&[&h, &c], 2)?.reshape((b, 2 * t, d))?; // [B, 2T, d]: h1, c1, h2, c2, …
-        let mask2 = causal_mask(2 * t, 2 * (past + t), 2 * past, &dev)?;
-        let h = self.gpt.run_blocks(
-            h,
-            insert..n_layer,
-            &mask2,
-            cache.as_deref_mut(),
-            None,
-            dropout,
-        )?;
+            .run_blocks(h, 0..split, &mask, cache.as_deref_mut(), None, dropout)?;
+        let (slot, concept_logits) = match (&self.concept, &self.pause) {
+            (Some(cp), _) => {
+                let (c, z) = cp.concept(&h, steer)?; // Option<[B, T, d]>, [B, T, C]
+                (c, Some(z))
+            }
+            (None, Some(p)) => (Some(p.reshape((1, 1, d))?.broadcast_as((b, t, d))?), None),
+            (None, None) => (None, None),
+        };
+        let h = match slot {
+            None => self.gpt.run_blocks(
+                h,
+                split..n_layer,
+                &mask,
+                cache.as_deref_mut(),
+                None,
+                dropout,
+            )?,
+            Some(c) => {
+                let h = Tensor::stack(&[&h, &c], 2)?.reshape((b, 2 * t, d))?; // [B, 2T, d]: h1, c1, h2, c2, …
+                let mask2 = causal_mask(2 * t, 2 * (past + t), 2 * past, &dev)?;
+                let h = self.gpt.run_blocks(
+                    h,
+                    split..n_layer,
+                    &mask2,
+                    cache.as_deref_mut(),
+                    None,
+                    dropout,
+                )?;
+                h.reshape((b, t, 2, d))?.narrow(2, 1, 1)?.squeeze(2)? // the slots [B, T, d]
+            }
+        };
         if let Some(c) = cache {
             c.tokens += t;
         }
-        let h = h.reshape((b, t, 2, d))?.narrow(2, 1, 1)?.squeeze(2)?; // concept slots [B, T, d]
         Ok(StudentOutput {
             logits: self.gpt.head(&h)?,
-            concept_logits: Some(concept_logits),
+            concept_logits,
         })
     }
 }
 
 impl ConceptPath {
-    /// The continuous concept `c [B, T, d]` and the concept logits `[B, T, C]` from the
-    /// hidden state `h [B, T, d]` before the insert block.
-    pub fn concept(&self, h: &Tensor, steer: &[Steer]) -> Result<(Tensor, Tensor)> {
+    /// The continuous concept `c [B, T, d]` (`None` when it is not interleaved) and the
+    /// concept logits `[B, T, C]` from the hidden state `h [B, T, d]` before the insert block.
+    pub fn concept(&self, h: &Tensor, steer: &[Steer]) -> Result<(Option<Tensor>, Tensor)> {
         let (b, t, d) = h.dims3()?;
         let (n, c_dim, k) = (b * t, self.cfg.concept_dim, self.cfg.concept_num);
         let (x, mu, std) = unbiased_layer_norm(h, CONCEPT_LN_EPS)?; // [B,T,d], [B,T,1], [B,T,1]
@@ -300,24 +370,30 @@ impl ConceptPath {
             .matmul(&self.predictor_w.t()?.to_dtype(compute)?)?
             .to_dtype(DType::F32)?
             .broadcast_add(&self.predictor_b)?; // [N, C]
-        let z_used = if steer.is_empty() {
-            z.clone()
-        } else {
-            apply_steer(&z, steer)?
+        let Some((_, compress_b)) = &self.compress else {
+            return Ok((None, z.reshape((b, t, c_dim))?));
         };
+        let z_used = apply_steer(&z, steer)?; // z itself without steering
         let (mut idx, _) = topk(&z_used.detach(), k)?; // [N, K_c], no gradient through the choice
         if steer.iter().any(|s| s.force) {
             idx = force_into_topk(&idx, steer, n, k)?;
         }
         let c_hat = self.compress_sparse(&z_used, &idx)?; // [N, d]
         let c_hat = c_hat
-            .broadcast_add(&self.compress_b)?
+            .broadcast_add(compress_b)?
             .broadcast_add(&self.pre_bias)?;
         let c = c_hat
             .reshape((b, t, d))?
             .broadcast_mul(&std)?
             .broadcast_add(&mu)?;
-        Ok((c, z.reshape((b, t, c_dim))?))
+        Ok((Some(c), z.reshape((b, t, c_dim))?))
+    }
+
+    fn compress_w(&self) -> Result<&Tensor> {
+        self.compress
+            .as_ref()
+            .map(|(w, _)| w)
+            .ok_or_else(|| Error::Other("this concept path has no compress layer".into()))
     }
 
     /// `compress_layer.weight @ (mask ⊙ z)` without the bias, computed on the `K_c` kept
@@ -325,9 +401,10 @@ impl ConceptPath {
     /// only the kept logits and the kept columns, exactly as with the dense mask.
     pub fn compress_sparse(&self, z: &Tensor, idx: &Tensor) -> Result<Tensor> {
         let (n, k) = idx.dims2()?;
-        let d = self.compress_w.dim(0)?;
+        let w = self.compress_w()?;
+        let d = w.dim(0)?;
         let vals = z.gather(idx, 1)?; // [N, K_c]
-        let cols = self.compress_w.index_select(&idx.flatten_all()?, 1)?; // [d, N·K_c]
+        let cols = w.index_select(&idx.flatten_all()?, 1)?; // [d, N·K_c]
         let cols = cols.t()?.reshape((n, k, d))?; // [N, K_c, d]
         Ok(vals.unsqueeze(2)?.broadcast_mul(&cols)?.sum(1)?)
     }
@@ -344,34 +421,8 @@ impl ConceptPath {
             }
         }
         let mask = Tensor::from_vec(mask, (n, c), z.device())?.to_dtype(z.dtype())?;
-        Ok((z * mask)?.matmul(&self.compress_w.t()?)?)
+        Ok((z * mask)?.matmul(&self.compress_w()?.t()?)?)
     }
-}
-
-fn apply_steer(z: &Tensor, steer: &[Steer]) -> Result<Tensor> {
-    let c = z.dim(D::Minus1)?;
-    let (mut add, mut keep, mut set) = (vec![0f32; c], vec![1f32; c], vec![0f32; c]);
-    for s in steer {
-        if s.index >= c {
-            return Err(Error::Other(format!(
-                "steering index {} is out of range for {c} concepts",
-                s.index
-            )));
-        }
-        match s.mode {
-            SteerMode::Add => add[s.index] += s.value,
-            SteerMode::Set => {
-                keep[s.index] = 0.0;
-                set[s.index] = s.value;
-                add[s.index] = 0.0;
-            }
-        }
-    }
-    let dev = z.device();
-    let t = |v: Vec<f32>| Tensor::from_vec(v, c, dev).and_then(|t| t.to_dtype(z.dtype()));
-    Ok(z.broadcast_mul(&t(keep)?)?
-        .broadcast_add(&t(set)?)?
-        .broadcast_add(&t(add)?)?)
 }
 
 fn force_into_topk(idx: &Tensor, steer: &[Steer], n: usize, k: usize) -> Result<Tensor> {

@@ -23,7 +23,9 @@ fn student_cfg(concept: bool) -> StudentConfig {
             concept_dim: 24,
             concept_num: 4,
             insert_layer_index: 1,
+            interleave: true,
         }),
+        pause: None,
     }
 }
 
@@ -514,13 +516,8 @@ fn topk_passes_gradient_only_to_kept_logits_and_sparse_equals_dense() {
     let gd = dense.sum_all().unwrap().backward().unwrap();
     let g = gs.get(z.as_tensor()).unwrap();
     assert_close(g, gd.get(z.as_tensor()).unwrap(), 1e-5, 1e-7, "dz");
-    assert_close(
-        gs.get(&cp.compress_w).unwrap(),
-        gd.get(&cp.compress_w).unwrap(),
-        1e-5,
-        1e-7,
-        "dW",
-    );
+    let (w, _) = cp.compress.as_ref().unwrap();
+    assert_close(gs.get(w).unwrap(), gd.get(w).unwrap(), 1e-5, 1e-7, "dW");
     let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
     for (i, gi) in g.iter().enumerate() {
         assert_eq!(
@@ -534,8 +531,14 @@ fn topk_passes_gradient_only_to_kept_logits_and_sparse_equals_dense() {
 #[test]
 fn every_trainable_tensor_gets_a_gradient() {
     let ids = Tensor::new(&[[1u32, 5, 7, 3, 9, 2], [4, 4, 0, 11, 3, 8]], &DEV).unwrap();
-    for concept in [true, false] {
-        let mut cfg = student_cfg(concept);
+    // NTP, CoCoMix, and the predict-only and pause ablations.
+    let variants: Vec<(&str, StudentConfig, usize)> = vec![
+        ("ntp", student_cfg(false), 0),
+        ("cocomix", student_cfg(true), 5),
+        ("predict-only", predict_only_cfg(), 3),
+        ("pause", pause_cfg(), 1),
+    ];
+    for (what, mut cfg, extra) in variants {
         cfg.gpt2 = cfg.gpt2.with_dropout(0.1);
         let s = Student::new(&cfg, 3, &DEV).unwrap();
         let out = s.forward(&ids, &mut Dropout::seeded(7)).unwrap();
@@ -549,17 +552,61 @@ fn every_trainable_tensor_gets_a_gradient() {
             loss = (loss + (concept_loss(cl, &labels).unwrap() * 0.1).unwrap()).unwrap();
         }
         let grads = loss.backward().unwrap();
-        assert_eq!(s.vars().len(), 4 + 12 * 3 + if concept { 5 } else { 0 });
+        assert_eq!(s.vars().len(), 4 + 12 * 3 + extra, "{what}");
         for (name, var) in s.vars() {
             let g = grads
                 .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient (concept={concept})"));
+                .unwrap_or_else(|| panic!("{name}: no gradient ({what})"));
             let norm = scalar(&g.abs().unwrap().sum_all().unwrap());
             assert!(
                 norm > 0.0 && norm.is_finite(),
-                "{name}: gradient norm {norm}"
+                "{what} {name}: gradient norm {norm}"
             );
         }
+    }
+}
+
+fn predict_only_cfg() -> StudentConfig {
+    let mut c = student_cfg(true);
+    c.concept.as_mut().unwrap().interleave = false;
+    c
+}
+
+fn pause_cfg() -> StudentConfig {
+    let mut c = student_cfg(false);
+    c.pause = Some(cocomix_model::PauseConfig {
+        pause_insert_layer_index: 1,
+    });
+    c
+}
+
+#[test]
+fn predict_only_runs_every_block_on_t_positions_and_pause_on_2t() {
+    let ids = Tensor::new(&[[1u32, 5, 7, 3, 9, 2], [4, 4, 0, 11, 3, 8]], &DEV).unwrap();
+    // Predict-only: the concept never feeds back, so the next-token logits are exactly the
+    // backbone's plain GPT-2 forward over T positions; its KV cache holds T entries per block.
+    let s = Student::new(&predict_only_cfg(), 3, &DEV).unwrap();
+    let out = s.forward(&ids, &mut Dropout::off()).unwrap();
+    assert_eq!(
+        v(&out.logits),
+        v(&s.gpt.forward(&ids).unwrap()),
+        "predict-only = plain GPT-2"
+    );
+    assert_eq!(out.concept_logits.unwrap().dims(), [2, 6, 24]);
+    let kv_len = |s: &Student| {
+        let mut cache = s.new_cache();
+        s.forward_cached(&ids.narrow(0, 0, 1).unwrap(), &mut cache, &[])
+            .unwrap();
+        cache.layer_len(2)
+    };
+    assert_eq!(kv_len(&s), 6);
+    // Pause and CoCoMix interleave: blocks from the insert layer on hold 2T positions, and
+    // the output differs from the plain backbone.
+    for cfg in [pause_cfg(), student_cfg(true)] {
+        let p = Student::new(&cfg, 3, &DEV).unwrap();
+        assert_eq!(kv_len(&p), 12);
+        let out = p.forward(&ids, &mut Dropout::off()).unwrap();
+        assert_ne!(v(&out.logits), v(&p.gpt.forward(&ids).unwrap()));
     }
 }
 

@@ -12,6 +12,9 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor, D};
 use rayon::prelude::*;
 
+mod steer;
+pub use steer::{apply_steer, Steer, SteerMode};
+
 /// Errors of the ops crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

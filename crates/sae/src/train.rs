@@ -7,8 +7,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use cocomix_ops::{topk, unbiased_layer_norm};
 use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
 
-use crate::{Error, Result, Sae, LN_EPS};
+use crate::{Activation, Error, InputNorm, Result, Sae, SaeParts, LN_EPS};
 
 /// Hyper-parameters of SAE training.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -58,7 +59,7 @@ pub struct StepStats {
     pub dead_fraction: f32,
 }
 
-/// An SAE under training.
+/// An SAE under training (weights in [`Sae`]'s internal layout, `W_enc` and `W_dec` `[C, d]`).
 pub struct SaeTrainer {
     cfg: SaeTrainConfig,
     pre_bias: Var,
@@ -69,9 +70,9 @@ pub struct SaeTrainer {
     tokens_since_fired: Vec<u64>,
 }
 
-fn normalize_columns(w: &Tensor) -> Result<Tensor> {
-    // w [d, C]: each column to unit L2 norm.
-    Ok(w.broadcast_div(&(w.sqr()?.sum_keepdim(0)?.sqrt()? + 1e-12)?)?)
+fn normalize_rows(w: &Tensor) -> Result<Tensor> {
+    // w [C, d]: each latent's direction to unit L2 norm.
+    Ok(w.broadcast_div(&(w.sqr()?.sum_keepdim(1)?.sqrt()? + 1e-12)?)?)
 }
 
 impl SaeTrainer {
@@ -87,11 +88,14 @@ impl SaeTrainer {
             )));
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-        let data: Vec<f32> = (0..d * cfg.n_latents).map(|_| gaussian(&mut rng)).collect();
-        let dec = normalize_columns(&Tensor::from_vec(data, (d, cfg.n_latents), &dev)?)?;
+        let data: Vec<f32> = StandardNormal
+            .sample_iter(&mut rng)
+            .take(cfg.n_latents * d)
+            .collect();
+        let dec = normalize_rows(&Tensor::from_vec(data, (cfg.n_latents, d), &dev)?)?;
         let (xn, _, _) = unbiased_layer_norm(&first_batch.to_dtype(DType::F32)?, LN_EPS)?;
         let pre_bias = Var::from_tensor(&xn.mean(0)?)?;
-        let encoder = Var::from_tensor(&dec.t()?.contiguous()?)?;
+        let encoder = Var::from_tensor(&dec)?;
         let latent_bias = Var::from_tensor(&Tensor::zeros(cfg.n_latents, DType::F32, &dev)?)?;
         let decoder = Var::from_tensor(&dec)?;
         let params = ParamsAdamW {
@@ -124,14 +128,21 @@ impl SaeTrainer {
 
     /// The current SAE (a snapshot of the weights).
     pub fn sae(&self) -> Result<Sae> {
-        Sae::new(
-            self.pre_bias.as_tensor().detach(),
-            self.encoder.as_tensor().detach(),
-            self.latent_bias.as_tensor().detach(),
-            self.decoder.as_tensor().detach(),
-            self.cfg.k,
-            "<training>".into(),
-        )
+        self.sae_of(|v| v.as_tensor().detach())
+    }
+
+    /// The SAE of the weights `f` gives for each variable (OpenAI's rule).
+    fn sae_of(&self, f: impl Fn(&Var) -> Tensor) -> Result<Sae> {
+        let parts = SaeParts {
+            w_enc: f(&self.encoder),
+            b_enc: f(&self.latent_bias),
+            w_dec: f(&self.decoder),
+            b_dec: f(&self.pre_bias),
+            activation: Activation::TopK { k: self.cfg.k },
+            input_norm: InputNorm::LayerNorm,
+            b_dec_on_input: true,
+        };
+        Sae::from_parts(parts, "<training>".into())
     }
 
     /// The device the weights are on.
@@ -144,14 +155,7 @@ impl SaeTrainer {
         let n = x.dim(0)?;
         let (c, k) = (self.cfg.n_latents, self.cfg.k);
         let (xn, _, _) = unbiased_layer_norm(&x.to_dtype(DType::F32)?, LN_EPS)?;
-        let sae = Sae {
-            pre_bias: self.pre_bias.as_tensor().clone(),
-            encoder: self.encoder.as_tensor().clone(),
-            latent_bias: self.latent_bias.as_tensor().clone(),
-            decoder: self.decoder.as_tensor().clone(),
-            k,
-            source: "<training>".into(),
-        };
+        let sae = self.sae_of(|v| v.as_tensor().clone())?; // on the graph
         let pre = sae.pre_activations(&xn)?; // [N, C]
         let (idx, _) = topk(&pre.detach(), k)?;
         let vals = pre.gather(&idx, 1)?.relu()?; // [N, k]
@@ -204,7 +208,7 @@ impl SaeTrainer {
             let avals = pre.gather(&aidx, 1)?.relu()?;
             let e_hat = sae
                 .decode_normalized(&aidx, &avals)?
-                .broadcast_sub(&sae.pre_bias)?;
+                .broadcast_sub(&sae.parts().b_dec)?;
             let e = err.detach();
             let e_var = e.broadcast_sub(&e.mean_keepdim(0)?)?.sqr()?.sum_all()?;
             let aux = ((&e - &e_hat)?.sqr()?.sum_all()? / (e_var + 1e-12)?)?;
@@ -212,16 +216,16 @@ impl SaeTrainer {
             loss = (loss + (aux * self.cfg.aux_coef)?)?;
         }
         let mut grads = loss.backward()?;
-        // Remove the decoder gradient's component along each (unit) column, so the step
-        // moves columns tangentially; renormalising after the step finishes the job.
+        // Remove the decoder gradient's component along each (unit) row, so the step moves
+        // rows tangentially; renormalising after the step finishes the job.
         if let Some(g) = grads.remove(self.decoder.as_tensor()) {
             let w = self.decoder.as_tensor();
-            let along = (&g * w)?.sum_keepdim(0)?; // [1, C]
+            let along = (&g * w)?.sum_keepdim(1)?; // [C, 1]
             grads.insert(w, (g - w.broadcast_mul(&along)?)?);
         }
         self.opt.step(&grads)?;
         self.decoder
-            .set(&normalize_columns(self.decoder.as_tensor())?)?;
+            .set(&normalize_rows(self.decoder.as_tensor())?)?;
         if !self.is_finite(&fvu)? {
             return Err(Error::Other(
                 "SAE training diverged (non-finite loss); lower the learning rate".into(),
@@ -243,10 +247,4 @@ impl SaeTrainer {
     pub fn config(&self) -> &SaeTrainConfig {
         &self.cfg
     }
-}
-
-fn gaussian(rng: &mut impl rand::Rng) -> f32 {
-    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-    let u2: f64 = rng.random();
-    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }

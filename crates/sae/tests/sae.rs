@@ -4,10 +4,17 @@ mod testutil;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use cocomix_sae::{Sae, SaeTrainConfig, SaeTrainer};
+use cocomix_sae::{Activation, Sae, SaeTrainConfig, SaeTrainer};
 use testutil::*;
 
 const DEV: Device = Device::Cpu;
+
+fn top_k(sae: &Sae) -> usize {
+    match sae.activation() {
+        Activation::TopK { k } => *k,
+        other => panic!("{other}"),
+    }
+}
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -21,8 +28,9 @@ fn golden_pt_and_safetensors_encode_and_decode() {
     let x = exp["teacher_hidden"].reshape((32, 48)).unwrap();
     for file in ["sae.pt", "sae.safetensors"] {
         let sae = Sae::load(golden_dir().join(file).to_str().unwrap(), &DEV).unwrap();
+        assert_eq!(sae.files(), [golden_dir().join(file)]);
         assert_eq!(
-            (sae.d_model(), sae.n_latents(), sae.k),
+            (sae.d_model(), sae.n_latents(), top_k(&sae)),
             (48, 256, 8),
             "{file}"
         );
@@ -129,14 +137,16 @@ fn fixture_pt_files_load_in_every_dtype() {
     ] {
         let sae = Sae::load(fixture(file).to_str().unwrap(), &DEV).unwrap();
         assert_eq!(
-            (sae.d_model(), sae.n_latents(), sae.k),
+            (sae.d_model(), sae.n_latents(), top_k(&sae)),
             (6, 10, 3),
             "{file}"
         );
+        let p = sae.parts();
         for (name, t) in [
-            ("pre_bias", &sae.pre_bias),
-            ("encoder.weight", &sae.encoder),
-            ("decoder.weight", &sae.decoder),
+            ("pre_bias", p.b_dec.clone()),
+            ("encoder.weight", p.w_enc.clone()),
+            // OpenAI's layout is [d, C]; the SAE keeps W_dec as [C, d].
+            ("decoder.weight", p.w_dec.t().unwrap()),
         ] {
             let got: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
             for (g, w) in got.iter().zip(vals(name)) {
@@ -207,9 +217,23 @@ fn safetensors_round_trip_keeps_k() {
     let p = dir.path().join("sae.safetensors");
     sae.save(&p, &[("layer", "1".into())]).unwrap();
     let back = Sae::load(p.to_str().unwrap(), &DEV).unwrap();
-    assert_eq!(back.k, 8);
-    assert_close(&back.decoder, &sae.decoder, 0.0, 0.0, "decoder");
-    assert_close(&back.encoder, &sae.encoder, 0.0, 0.0, "encoder");
+    assert_eq!(top_k(&back), 8);
+    assert_close(back.w_dec(), sae.w_dec(), 0.0, 0.0, "decoder");
+    assert_close(&back.parts().w_enc, &sae.parts().w_enc, 0.0, 0.0, "encoder");
+    assert_close(
+        &back.parts().b_dec,
+        &sae.parts().b_dec,
+        0.0,
+        0.0,
+        "pre_bias",
+    );
+    assert_close(
+        &back.parts().b_enc,
+        &sae.parts().b_enc,
+        0.0,
+        0.0,
+        "latent_bias",
+    );
 }
 
 /// Data made from a known sparse dictionary: x = Σ a_i D_i over 3 random atoms.
@@ -268,7 +292,7 @@ fn training_recovers_a_known_sparse_dictionary() {
     assert!(fvu < 0.1, "held-out FVU {fvu} (last step {last:?})");
     // Each atom, centred (the LayerNorm removes the mean) and unit-normed, should have a
     // decoder column with cosine > 0.9.
-    let dec: Vec<Vec<f32>> = sae.decoder.t().unwrap().to_vec2().unwrap();
+    let dec: Vec<Vec<f32>> = sae.w_dec().to_vec2().unwrap(); // [C][d]
     let recovered = dict
         .iter()
         .filter(|atom| {

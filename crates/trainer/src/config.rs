@@ -6,25 +6,91 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-/// Which loss a student trains with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash)]
-#[serde(rename_all = "lowercase")]
+/// Which model and loss a student trains with: the method, its baselines and the paper's
+/// ablations (all trained on the same batches in a comparison).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
 pub enum Objective {
-    /// Next-token cross-entropy.
+    /// Next-token cross-entropy (GPT-2 at `model.d_model_ntp`).
     Ntp,
     /// Distillation from the teacher: α·τ²·KL(p_t^τ ‖ p_s^τ) + (1 − α)·CE.
     Kd,
-    /// NTP + λ·concept loss with the interleaved concept path.
+    /// CoCoMix: NTP + λ·concept loss, the continuous concept interleaved.
     Cocomix,
+    /// Ablation: the concept loss without interleaving (concepts predicted, never fed back).
+    PredictOnly,
+    /// Ablation: the interleaved concept path trained by NTP alone (λ = 0, no labels).
+    MixOnly,
+    /// Ablation: CoCoMix with the teacher's labels mapped through a fixed random
+    /// permutation of concept ids (same label statistics, no meaning).
+    RandomLabels,
+    /// Baseline: a learned pause vector interleaved in place of the concept.
+    Pause,
+}
+
+impl Objective {
+    /// Every objective, in report order.
+    pub const ALL: [Objective; 7] = [
+        Objective::Ntp,
+        Objective::Kd,
+        Objective::Cocomix,
+        Objective::PredictOnly,
+        Objective::MixOnly,
+        Objective::RandomLabels,
+        Objective::Pause,
+    ];
+
+    /// The name configs and the CLI use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::Ntp => "ntp",
+            Objective::Kd => "kd",
+            Objective::Cocomix => "cocomix",
+            Objective::PredictOnly => "predict-only",
+            Objective::MixOnly => "mix-only",
+            Objective::RandomLabels => "random-labels",
+            Objective::Pause => "pause",
+        }
+    }
+
+    /// Trains on the teacher's concept labels.
+    pub fn needs_labels(self) -> bool {
+        matches!(
+            self,
+            Objective::Cocomix | Objective::PredictOnly | Objective::RandomLabels
+        )
+    }
+
+    /// Needs the teacher (for its logits or its labels).
+    pub fn needs_teacher(self) -> bool {
+        self == Objective::Kd || self.needs_labels()
+    }
+
+    /// A plain GPT-2 (at the NTP width `model.d_model_ntp`); the others are built at
+    /// `model.d_model`.
+    pub fn is_plain(self) -> bool {
+        matches!(self, Objective::Ntp | Objective::Kd)
+    }
 }
 
 impl std::fmt::Display for Objective {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Objective::Ntp => "ntp",
-            Objective::Kd => "kd",
-            Objective::Cocomix => "cocomix",
-        })
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Objective {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Objective::ALL
+            .into_iter()
+            .find(|o| o.name() == s)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown objective {s:?}; known: {}",
+                    Objective::ALL.map(|o| o.name()).join(", ")
+                ))
+            })
     }
 }
 
@@ -115,11 +181,140 @@ impl std::str::FromStr for Precision {
 #[serde(deny_unknown_fields)]
 pub struct RunSection {
     pub name: String,
-    /// Runs go to `out_dir/name/<objective>`.
+    /// Runs go to `out_dir/name/<arm>/seed-<seed>`.
     pub out_dir: PathBuf,
+    /// The first seed; a comparison over `seeds` seeds uses `seed, seed + 1, …`.
     pub seed: u64,
-    /// Students the main job trains, with the same token budget and seed.
-    pub objectives: Vec<Objective>,
+    /// Seeds per objective (each seed: its own init, batches and dropout; the objectives
+    /// of one seed see the same batches).
+    #[serde(default = "one")]
+    pub seeds: usize,
+    /// The students to train and compare, with the same token budget: objective names,
+    /// optionally with their own λ or label mode (`cocomix[lambda=0.3,labels=negative]`).
+    pub objectives: Vec<Arm>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// One arm of a comparison: an objective, optionally with its own concept-loss weight λ
+/// and label mode, written `cocomix[lambda=0.3]`, `cocomix[labels=negative]` or
+/// `cocomix[lambda=0.3,labels=activation]` (the config's `[concept]` values otherwise).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Arm {
+    pub objective: Objective,
+    pub lambda: Option<f64>,
+    pub label_mode: Option<cocomix_attribution::LabelMode>,
+}
+
+impl Arm {
+    /// An arm with the config's λ and label mode.
+    pub fn new(objective: Objective) -> Self {
+        Self {
+            objective,
+            lambda: None,
+            label_mode: None,
+        }
+    }
+
+    /// The λ this arm trains with.
+    pub fn lambda(&self, cfg: &ConceptSection) -> f64 {
+        self.lambda.unwrap_or(cfg.lambda)
+    }
+
+    /// The label mode this arm's labels are chosen with.
+    pub fn label_mode(&self, cfg: &ConceptSection) -> cocomix_attribution::LabelMode {
+        self.label_mode.unwrap_or(cfg.label_mode)
+    }
+}
+
+impl std::fmt::Display for Arm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.objective)?;
+        let mut opts = Vec::new();
+        if let Some(l) = self.lambda {
+            opts.push(format!("lambda={l}"));
+        }
+        if let Some(m) = self.label_mode {
+            opts.push(format!("labels={m}"));
+        }
+        if !opts.is_empty() {
+            write!(f, "[{}]", opts.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Arm {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |why: &str| Error::Config(format!("objective {s:?}: {why}"));
+        let (name, opts) = match s.split_once('[') {
+            None => (s, ""),
+            Some((n, rest)) => (
+                n,
+                rest.strip_suffix(']')
+                    .ok_or_else(|| bad("options go in brackets: cocomix[lambda=0.3]"))?,
+            ),
+        };
+        let mut arm = Arm::new(name.trim().parse()?);
+        for opt in opts.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            match opt.split_once('=') {
+                Some(("lambda", v)) => {
+                    let l: f64 = v.parse().map_err(|_| bad("lambda must be a number"))?;
+                    if !(l >= 0.0 && l.is_finite()) {
+                        return Err(bad("lambda must be ≥ 0"));
+                    }
+                    arm.lambda = Some(l);
+                }
+                Some(("labels", v)) => {
+                    arm.label_mode = Some(v.parse().map_err(|e| bad(&format!("{e}")))?);
+                }
+                _ => return Err(bad("options are lambda=<number> and labels=<label mode>")),
+            }
+        }
+        if (arm.lambda.is_some() || arm.label_mode.is_some()) && !arm.objective.needs_labels() {
+            return Err(bad(
+                "only objectives trained on concept labels take lambda or labels",
+            ));
+        }
+        Ok(arm)
+    }
+}
+
+/// Arms separated by commas outside brackets: `ntp,cocomix[lambda=0.3,labels=negative],kd`.
+pub fn parse_arms(s: &str) -> Result<Vec<Arm>> {
+    let (mut out, mut depth, mut start) = (Vec::new(), 0i32, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(s[start..i].trim().parse()?);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if !s[start..].trim().is_empty() {
+        out.push(s[start..].trim().parse()?);
+    }
+    Ok(out)
+}
+
+impl TryFrom<String> for Arm {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<Arm> for String {
+    fn from(a: Arm) -> Self {
+        a.to_string()
+    }
 }
 
 /// `[data]`
@@ -160,6 +355,9 @@ pub struct ShapeBudget {
     pub n_head: usize,
     pub steps: u64,
     pub lr: f64,
+    /// Sequences per step (default: `optim.batch_size`).
+    #[serde(default)]
+    pub batch_size: Option<usize>,
 }
 
 /// `[sae]`: an SAE file / URL / `hf://` path, or `source = "train"`.
@@ -315,6 +513,25 @@ impl RunConfig {
         Ok(cfg)
     }
 
+    /// The config of one run of a comparison: this arm alone, with its seed and λ (what the
+    /// run folder records, so a run is reused only when everything it depends on is equal).
+    pub fn for_run(&self, arm: Arm, seed: u64) -> Self {
+        let mut c = self.clone();
+        c.run.seed = seed;
+        c.run.seeds = 1;
+        c.run.objectives = vec![Arm::new(arm.objective)];
+        c.concept.lambda = arm.lambda(&self.concept);
+        c.concept.label_mode = arm.label_mode(&self.concept);
+        c
+    }
+
+    /// The seeds of a comparison.
+    pub fn seeds(&self) -> Vec<u64> {
+        (0..self.run.seeds as u64)
+            .map(|i| self.run.seed + i)
+            .collect()
+    }
+
     /// The config as TOML (what a run folder records).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serialises")
@@ -420,7 +637,10 @@ impl RunConfig {
                     self.teacher.layer, t.n_layer
                 ));
             }
-            if t.d_model % t.n_head != 0 {
+            if t.batch_size == Some(0) {
+                return bad("teacher.train.batch_size must be positive".into());
+            }
+            if !t.d_model.is_multiple_of(t.n_head) {
                 return bad(format!(
                     "teacher.train.d_model {} must be divisible by n_head {}",
                     t.d_model, t.n_head
@@ -429,6 +649,14 @@ impl RunConfig {
         }
         if self.run.objectives.is_empty() {
             return bad("run.objectives is empty".into());
+        }
+        if self.run.seeds == 0 {
+            return bad("run.seeds must be at least 1".into());
+        }
+        let mut names: Vec<String> = self.run.objectives.iter().map(|a| a.to_string()).collect();
+        names.sort();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return bad(format!("run.objectives lists {} twice", w[0]));
         }
         if self.eval.every == 0 || self.checkpoint.every == 0 {
             return bad("eval.every and checkpoint.every must be positive".into());

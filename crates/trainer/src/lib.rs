@@ -1,18 +1,18 @@
-//! Training for cocomix: the three objectives (NTP, KD, CoCoMix), AdamW with a warmup +
-//! cosine schedule and clipping, run folders with atomic checkpoints and exact resume,
-//! reports, SAE training on a teacher's residual stream, and the end-to-end main job.
+//! Training for cocomix: the objectives (NTP, KD, CoCoMix and the paper's ablations), AdamW
+//! with a warmup + cosine schedule and clipping, run folders with atomic checkpoints and
+//! exact resume, SAE training on a teacher's residual stream, the end-to-end main job and the
+//! comparison of objectives over seeds.
+pub mod compare;
 mod config;
-pub mod eval;
 pub mod optim;
 pub mod pipeline;
 pub mod report;
 mod run;
-pub mod tasks;
 
 pub use config::*;
 pub use run::{
-    default_device, list_checkpoints, read_metrics, train, validate, Labels, StepMetrics,
-    TrainOutcome, TrainSpec,
+    default_device, label_permutation, list_checkpoints, read_metrics, train, validate, Labels,
+    StepMetrics, TrainOutcome, TrainSpec,
 };
 
 use std::path::PathBuf;

@@ -3,21 +3,14 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use cocomix_attribution::{LabelCache, LabelCacheSpec, LabelChoice};
+use cocomix_attribution::{LabelCache, LabelCacheSpec, LabelChoice, LabelMode};
 use cocomix_data::{Dataset, PrepareOptions, Tokenizer};
-use cocomix_model::{ConceptConfig, Gpt2, Gpt2Config, StudentConfig};
+use cocomix_model::{ConceptConfig, Gpt2, Gpt2Config, PauseConfig, StudentConfig};
 use cocomix_sae::{Sae, SaeTrainConfig, SaeTrainer};
 
-use crate::report::{write_comparison, write_run_report};
+use crate::report::write_run_report;
 use crate::run::{train, Labels, TrainOutcome, TrainSpec};
-use crate::{Error, LabelSource, Objective, Result, RunConfig, Source};
-
-/// Options of the main job beyond the config.
-#[derive(Clone, Debug, Default)]
-pub struct JobOptions {
-    /// Continue interrupted student runs from their checkpoints.
-    pub resume: bool,
-}
+use crate::{Arm, Error, LabelSource, Objective, Result, RunConfig, Source};
 
 fn stage(n: usize, what: &str) {
     tracing::info!("[{n}/6] {what}");
@@ -75,28 +68,45 @@ pub fn prepare_data(cfg: &RunConfig) -> Result<(Dataset, Tokenizer)> {
     Ok((ds, tok))
 }
 
-fn student_config(
+/// The student an objective trains on a vocabulary of `vocab_size` ids with EOT `eot_id`:
+/// a plain GPT-2 at the NTP width for NTP and KD; the concept path (with `n_latents`
+/// concepts, the SAE's; interleaved or not) or the pause vector at `model.d_model` otherwise.
+pub fn student_config(
     cfg: &RunConfig,
     objective: Objective,
-    tok: &Tokenizer,
+    vocab_size: usize,
+    eot_id: u32,
     n_latents: usize,
 ) -> StudentConfig {
     let m = &cfg.model;
-    let d = if objective == Objective::Cocomix {
-        m.d_model
-    } else {
+    let d = if objective.is_plain() {
         m.d_model_ntp
+    } else {
+        m.d_model
     };
-    StudentConfig {
-        gpt2: Gpt2Config::new(tok.vocab_size(), m.context, d, m.n_layer, m.n_head)
-            .with_dropout(m.dropout)
-            .with_eot(tok.eot_id()),
-        concept: (objective == Objective::Cocomix).then_some(ConceptConfig {
-            concept_dim: n_latents,
-            concept_num: cfg.concept.concept_num,
-            insert_layer_index: cfg.concept.insert_layer,
-        }),
+    let gpt2 = Gpt2Config::new(vocab_size, m.context, d, m.n_layer, m.n_head)
+        .with_dropout(m.dropout)
+        .with_eot(eot_id);
+    let concept = |interleave| ConceptConfig {
+        concept_dim: n_latents,
+        concept_num: cfg.concept.concept_num,
+        insert_layer_index: cfg.concept.insert_layer,
+        interleave,
+    };
+    let mut s = StudentConfig::gpt2(gpt2);
+    match objective {
+        Objective::Ntp | Objective::Kd => {}
+        Objective::Cocomix | Objective::MixOnly | Objective::RandomLabels => {
+            s.concept = Some(concept(true))
+        }
+        Objective::PredictOnly => s.concept = Some(concept(false)),
+        Objective::Pause => {
+            s.pause = Some(PauseConfig {
+                pause_insert_layer_index: cfg.concept.insert_layer,
+            })
+        }
     }
+    s
 }
 
 /// The frozen teacher, its weights file (for hashing) and a name for metadata.
@@ -120,10 +130,14 @@ pub fn load_or_train_teacher(
         let mut optim = cfg.optim.clone();
         optim.steps = t.steps;
         optim.lr = t.lr;
+        if let Some(b) = t.batch_size {
+            optim.batch_size = b;
+            optim.grad_accum = 1;
+        }
         optim.min_lr = t.lr / 10.0;
         optim.warmup = optim.warmup.min(t.steps / 10);
-        let student = StudentConfig {
-            gpt2: Gpt2Config::new(
+        let student = StudentConfig::gpt2(
+            Gpt2Config::new(
                 tok.vocab_size(),
                 cfg.model.context,
                 t.d_model,
@@ -132,8 +146,7 @@ pub fn load_or_train_teacher(
             )
             .with_dropout(cfg.model.dropout)
             .with_eot(tok.eot_id()),
-            concept: None,
-        };
+        );
         // What the teacher depends on (its config.toml): reused only when all of it is unchanged.
         #[derive(serde::Serialize)]
         struct TeacherRun<'a> {
@@ -383,15 +396,13 @@ fn safetensors_meta(path: &Path) -> Option<std::collections::HashMap<String, Str
 pub fn cache_spec(
     cfg: &RunConfig,
     teacher: &Teacher,
-    sae_path: &Path,
     sae: &Sae,
     data: &Dataset,
 ) -> Result<LabelCacheSpec> {
     Ok(LabelCacheSpec::new(
         &teacher.name,
         &teacher.weights,
-        sae_path,
-        sae.n_latents(),
+        sae,
         data.meta(),
         LabelChoice {
             layer: cfg.teacher.layer,
@@ -439,121 +450,200 @@ fn base_spec<'a>(
     }
 }
 
-/// Runs the whole method as the config says and returns the folder of the comparison report.
-pub fn run_main_job(cfg: &RunConfig, opts: &JobOptions, device: &Device) -> Result<PathBuf> {
-    let root = cfg.run.out_dir.join(&cfg.run.name);
-    std::fs::create_dir_all(&root).map_err(|e| Error::file(&root, e))?;
-    cocomix_data::write_atomic(&root.join("config.toml"), cfg.to_toml().as_bytes())?;
-    stage(1, "data");
-    let (data, tok) = prepare_data(cfg)?;
-    let needs_teacher = cfg.run.objectives.iter().any(|o| *o != Objective::Ntp);
-    let mut outcomes: Vec<(TrainOutcome, PathBuf)> = Vec::new();
-    let (teacher, sae) = if needs_teacher {
-        stage(2, "teacher");
-        let teacher = load_or_train_teacher(cfg, &data, &tok, device)?;
-        let sae = if cfg.run.objectives.contains(&Objective::Cocomix) {
-            stage(3, "SAE");
-            Some(load_or_train_sae(cfg, &teacher, &data, device)?)
+/// What every student of a job shares: the data and, when an objective needs them, the
+/// teacher, its SAE and the label cache (stages 1–4).
+pub struct Shared {
+    pub data: Dataset,
+    pub tok: Tokenizer,
+    pub teacher: Option<Teacher>,
+    /// The SAE and its file.
+    pub sae: Option<(Sae, PathBuf)>,
+    /// One label cache per label mode the arms use (with `concept.labels = "cache"`).
+    pub caches: Vec<(LabelMode, LabelCache)>,
+}
+
+impl Shared {
+    /// Prepares the data, then the teacher, SAE and label cache if any of `arms` needs them.
+    pub fn prepare(cfg: &RunConfig, arms: &[Arm], device: &Device) -> Result<Self> {
+        stage(1, "data");
+        let (data, tok) = prepare_data(cfg)?;
+        let needs_teacher = arms.iter().any(|a| a.objective.needs_teacher());
+        let needs_labels = arms.iter().any(|a| a.objective.needs_labels());
+        let teacher = if needs_teacher {
+            stage(2, "teacher");
+            Some(load_or_train_teacher(cfg, &data, &tok, device)?)
         } else {
             None
         };
-        (Some(teacher), sae)
-    } else {
-        (None, None)
-    };
-    let cache = match (&teacher, &sae) {
-        (Some(t), Some((s, p))) if cfg.concept.labels == LabelSource::Cache => {
-            stage(4, "label cache");
-            let spec = cache_spec(cfg, t, p, s, &data)?;
-            let dir = LabelCache::path_for(&cfg.data.dir, &spec);
-            Some(LabelCache::build(
-                &t.model,
-                s,
-                &spec,
-                &data.train,
-                &dir,
-                (cfg.optim.batch_size / cfg.optim.grad_accum).max(1),
-            )?)
-        }
-        _ => None,
-    };
-    stage(5, "students");
-    let n_latents = sae.as_ref().map_or(cfg.sae.n_latents, |s| s.0.n_latents());
-    for &objective in &cfg.run.objectives {
-        let run_dir = root.join(objective.to_string());
-        if let Ok(text) = std::fs::read_to_string(run_dir.join("report.json")) {
-            if let Ok(o) = serde_json::from_str::<TrainOutcome>(&text) {
-                if !o.stopped_early && run_dir.join("final/model.safetensors").is_file() {
-                    check_same_config(&run_dir, &cfg.to_toml())?;
-                    tracing::info!(
-                        "{objective}: reusing the finished run in {}",
-                        run_dir.display()
-                    );
-                    outcomes.push((o, run_dir));
-                    continue;
+        let sae = match &teacher {
+            Some(t) if needs_labels => {
+                stage(3, "SAE");
+                Some(load_or_train_sae(cfg, t, &data, device)?)
+            }
+            _ => None,
+        };
+        let mut caches = Vec::new();
+        if let (Some(t), Some((s, _))) = (&teacher, &sae) {
+            if cfg.concept.labels == LabelSource::Cache {
+                stage(4, "label cache");
+                let mut modes: Vec<LabelMode> = arms
+                    .iter()
+                    .filter(|a| a.objective.needs_labels())
+                    .map(|a| a.label_mode(&cfg.concept))
+                    .collect();
+                modes.sort();
+                modes.dedup();
+                for mode in modes {
+                    let mut spec = cache_spec(cfg, t, s, &data)?;
+                    spec.mode = mode;
+                    let dir = LabelCache::path_for(&cfg.data.dir, &spec);
+                    let cache = LabelCache::build(
+                        &t.model,
+                        s,
+                        &spec,
+                        &data.train,
+                        &dir,
+                        (cfg.optim.batch_size / cfg.optim.grad_accum).max(1),
+                    )?;
+                    caches.push((mode, cache));
                 }
             }
         }
-        let labels = match (objective, &cache, &sae) {
-            (Objective::Cocomix, Some(c), _) => Some(Labels::Cache(c)),
-            (Objective::Cocomix, None, Some((s, _))) => Some(Labels::Online {
-                sae: s,
-                layer: cfg.teacher.layer,
-                mode: cfg.concept.label_mode,
-            }),
-            _ => None,
+        Ok(Self {
+            data,
+            tok,
+            teacher,
+            sae,
+            caches,
+        })
+    }
+
+    /// A sentence naming the teacher and SAE, for reports.
+    pub fn describe(&self, cfg: &RunConfig) -> String {
+        let teacher = match (&self.teacher, &cfg.teacher.source) {
+            (None, _) => "none".to_string(),
+            (Some(_), Source::Train) => {
+                "a GPT-2 trained by this job on the corpus's training split".to_string()
+            }
+            (Some(t), _) => t.name.clone(),
         };
-        let student = student_config(cfg, objective, &tok, n_latents);
-        let resume = opts.resume || run_dir.join("checkpoints").is_dir();
-        let mut spec = base_spec(
-            cfg,
-            objective,
-            student,
-            cfg.optim.clone(),
-            &data,
-            run_dir.clone(),
-            device,
-            teacher.as_ref().map(|t| &t.model),
-            labels,
-            resume,
-        );
-        // With a label cache, every student samples its windows: the same batches for all.
-        spec.aligned_windows = cache.as_ref().map(|c| c.n_windows());
-        let out = train(&spec)?;
-        write_run_report(&run_dir, &out)?;
-        tracing::info!(
-            "{objective}: val loss {:.4} (PPL {:.2}), {:.0} tokens/s",
-            out.val_loss,
-            out.val_ppl,
-            out.tokens_per_s
-        );
-        outcomes.push((out, run_dir));
+        let sae = self
+            .sae
+            .as_ref()
+            .map_or("none".into(), |s| s.1.display().to_string());
+        format!("Teacher: {teacher}; SAE: {sae}.")
+    }
+}
+
+/// The folder of one run of a job: `out_dir/name/<arm>/seed-<seed>`.
+pub fn run_dir(cfg: &RunConfig, arm: Arm, seed: u64) -> PathBuf {
+    cfg.run
+        .out_dir
+        .join(&cfg.run.name)
+        .join(arm.to_string())
+        .join(format!("seed-{seed}"))
+}
+
+/// Trains one student of a job (stage 5), or reuses it when its folder holds a finished run
+/// of the same config; an interrupted run continues from its last checkpoint.
+pub fn train_student(
+    cfg: &RunConfig,
+    shared: &Shared,
+    arm: Arm,
+    seed: u64,
+    device: &Device,
+) -> Result<(TrainOutcome, PathBuf)> {
+    let rcfg = cfg.for_run(arm, seed);
+    let dir = run_dir(cfg, arm, seed);
+    // A run folder (finished or interrupted) is reused only for the very same config.
+    check_same_config(&dir, &rcfg.to_toml())?;
+    if let Ok(text) = std::fs::read_to_string(dir.join("report.json")) {
+        if let Ok(o) = serde_json::from_str::<TrainOutcome>(&text) {
+            if !o.stopped_early && dir.join("final/model.safetensors").is_file() {
+                tracing::info!(
+                    "{arm} seed {seed}: reusing the finished run in {}",
+                    dir.display()
+                );
+                return Ok((o, dir));
+            }
+        }
+    }
+    let objective = arm.objective;
+    let mode = arm.label_mode(&cfg.concept);
+    let cache = shared.caches.iter().find(|c| c.0 == mode).map(|c| &c.1);
+    let labels = match (objective.needs_labels(), cache, &shared.sae) {
+        (true, Some(c), _) => Some(Labels::Cache(c)),
+        (true, None, Some((s, _))) => Some(Labels::Online {
+            sae: s,
+            layer: cfg.teacher.layer,
+            mode,
+        }),
+        _ => None,
+    };
+    let n_latents = shared
+        .sae
+        .as_ref()
+        .map_or(cfg.sae.n_latents, |s| s.0.n_latents());
+    let student = student_config(
+        cfg,
+        objective,
+        shared.tok.vocab_size(),
+        shared.tok.eot_id(),
+        n_latents,
+    );
+    // A run folder with checkpoints is an interrupted run of this job: continue it.
+    let resume = dir.join("checkpoints").is_dir();
+    let mut spec = base_spec(
+        &rcfg,
+        objective,
+        student,
+        cfg.optim.clone(),
+        &shared.data,
+        dir.clone(),
+        device,
+        shared.teacher.as_ref().map(|t| &t.model),
+        labels,
+        resume,
+    );
+    // With label caches, every student samples their aligned windows: the same batches for
+    // all (caches of one job cover the same windows).
+    spec.aligned_windows = shared.caches.first().map(|c| c.1.n_windows());
+    let out = train(&spec)?;
+    write_run_report(&dir, &out)?;
+    tracing::info!(
+        "{arm} seed {seed}: val loss {:.4} (PPL {:.2}), {:.0} tokens/s",
+        out.val_loss,
+        out.val_ppl,
+        out.tokens_per_s
+    );
+    Ok((out, dir))
+}
+
+/// Runs the whole method as the config says (every objective of `run.objectives` for each
+/// of `run.seeds` seeds) and returns the folder holding the comparison (`compare.md`).
+pub fn run_main_job(cfg: &RunConfig, device: &Device) -> Result<PathBuf> {
+    let root = cfg.run.out_dir.join(&cfg.run.name);
+    std::fs::create_dir_all(&root).map_err(|e| Error::file(&root, e))?;
+    cocomix_data::write_atomic(&root.join("config.toml"), cfg.to_toml().as_bytes())?;
+    let shared = Shared::prepare(cfg, &cfg.run.objectives, device)?;
+    stage(5, "students");
+    let mut runs = Vec::new();
+    for seed in cfg.seeds() {
+        for &arm in &cfg.run.objectives {
+            let (out, dir) = train_student(cfg, &shared, arm, seed, device)?;
+            runs.push(crate::compare::RunRecord::read(arm, seed, out, &dir)?);
+        }
     }
     stage(6, "report");
     let notes = format!(
-        "Same data ({}), token budget ({} steps × {} sequences × {} tokens) and seed ({}) for every student. Teacher: {}; SAE: {}.",
-        cfg.data.dir.display(),
+        "Every student: {} steps × {} sequences × {} tokens from {}; the objectives of one seed \
+         see the same batches. {}",
         cfg.optim.steps,
         cfg.optim.batch_size,
         cfg.model.context,
-        cfg.run.seed,
-        teacher.as_ref().map_or("none".into(), |t| if cfg.teacher.source == Source::Train { "a small teacher trained on the corpus (not GPT-2)".to_string() } else { t.name.clone() }),
-        sae.as_ref().map_or("none".into(), |s| s.1.display().to_string()),
+        cfg.data.dir.display(),
+        shared.describe(cfg),
     );
-    write_comparison(
-        &root,
-        &format!(
-            "{}: {}",
-            cfg.run.name,
-            cfg.run
-                .objectives
-                .iter()
-                .map(|o| o.to_string())
-                .collect::<Vec<_>>()
-                .join(" vs ")
-        ),
-        &outcomes,
-        &notes,
-    )?;
+    crate::compare::write_report(&root, &cfg.run.name, &runs, &notes)?;
     Ok(root)
 }

@@ -41,11 +41,17 @@ pub fn human_count(x: f64) -> String {
     format!("{s}{unit}")
 }
 
-const COLORS: [RGBColor; 4] = [
+const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 /// Draws curves into a PNG.
@@ -108,6 +114,78 @@ pub fn plot(
     Ok(())
 }
 
+/// A mean curve with a band: `(x, mean, low, high)` points.
+pub struct Band {
+    pub name: String,
+    pub points: Vec<(f64, f64, f64, f64)>,
+}
+
+/// Draws mean curves (with markers) and shaded low–high bands into a PNG.
+pub fn plot_bands(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    bands: &[Band],
+) -> Result<()> {
+    register_font();
+    let pts = bands.iter().flat_map(|b| b.points.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, _, lo, hi) in pts.filter(|p| p.2.is_finite() && p.3.is_finite()) {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(lo);
+        y1 = y1.max(hi);
+    }
+    if x0 > x1 {
+        return Err(Error::Other(format!("{}: nothing to plot", path.display())));
+    }
+    let pad = ((y1 - y0) * 0.05).max(1e-3);
+    let err = |e: &dyn std::fmt::Display| Error::file(path, e);
+    let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_label_formatter(&|x| human_count(*x))
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (i, b) in bands.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let mut poly: Vec<(f64, f64)> = b.points.iter().map(|p| (p.0, p.3)).collect();
+        poly.extend(b.points.iter().rev().map(|p| (p.0, p.2)));
+        chart
+            .draw_series(std::iter::once(Polygon::new(poly, c.mix(0.18).filled())))
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(
+                LineSeries::new(b.points.iter().map(|p| (p.0, p.1)), c.stroke_width(2))
+                    .point_size(3),
+            )
+            .map_err(|e| err(&e))?
+            .label(b.name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(3)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
 /// Exponential moving average, to make noisy training losses readable.
 fn smooth(points: &[(f64, f64)], alpha: f64) -> Vec<(f64, f64)> {
     let mut out = Vec::with_capacity(points.len());
@@ -158,43 +236,5 @@ pub fn write_run_report(run_dir: &Path, outcome: &TrainOutcome) -> Result<()> {
         outcome.objective, outcome.params, outcome.steps, outcome.tokens, outcome.val_loss, outcome.val_ppl, outcome.tokens_per_s, outcome.wall_s
     );
     cocomix_data::write_atomic(&run_dir.join("report.md"), md.as_bytes())?;
-    Ok(())
-}
-
-/// Writes a side-by-side comparison of several runs into `dir` (`report.md`, `report.json`,
-/// `loss.png`).
-pub fn write_comparison(
-    dir: &Path,
-    title: &str,
-    runs: &[(TrainOutcome, std::path::PathBuf)],
-    notes: &str,
-) -> Result<()> {
-    let mut series = Vec::new();
-    for (o, run_dir) in runs {
-        let m = read_metrics(run_dir)?;
-        let (t, v) = curves(&o.objective.to_string(), &m);
-        series.push(t);
-        series.push(v);
-    }
-    plot(
-        &dir.join("loss.png"),
-        title,
-        "tokens",
-        "next-token loss (nats)",
-        &series,
-    )?;
-    let mut md = format!("# {title}\n\n{notes}\n\n| objective | params | tokens | val loss | val PPL | train tokens/s | wall (s) |\n|---|---|---|---|---|---|---|\n");
-    for (o, _) in runs {
-        md += &format!(
-            "| {} | {} | {} | {:.4} | {:.2} | {:.0} | {:.1} |\n",
-            o.objective, o.params, o.tokens, o.val_loss, o.val_ppl, o.tokens_per_s, o.wall_s
-        );
-    }
-    md += "\n![loss curves](loss.png)\n";
-    cocomix_data::write_atomic(&dir.join("report.md"), md.as_bytes())?;
-    let outs: Vec<&TrainOutcome> = runs.iter().map(|r| &r.0).collect();
-    let json = serde_json::to_string_pretty(&serde_json::json!({ "title": title, "runs": outs }))
-        .map_err(|e| Error::Other(e.to_string()))?;
-    cocomix_data::write_atomic(&dir.join("report.json"), json.as_bytes())?;
     Ok(())
 }

@@ -91,6 +91,9 @@ pub struct StepMetrics {
     /// On the first step a resumed process ran: the checkpoint step it continued from.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub resumed_from: Option<u64>,
+    /// Hash of the step's token ids (hex): equal across objectives that saw the same batches.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub batch_hash: Option<String>,
 }
 
 /// What a finished (or stopped) run reports.
@@ -214,6 +217,9 @@ struct Batch {
     x: Tensor,
     y: Tensor,
     labels: Option<Tensor>,
+    /// FNV-1a hash of the batch's token ids (recorded so comparisons can prove that
+    /// objectives saw the same batches).
+    hash: u64,
 }
 
 fn batch_rng(seed: u64, index: u64) -> rand::rngs::StdRng {
@@ -222,15 +228,37 @@ fn batch_rng(seed: u64, index: u64) -> rand::rngs::StdRng {
     )
 }
 
-fn make_batch(spec: &TrainSpec, step: u64, micro: u64, rows: usize) -> Result<Batch> {
+fn fnv1a(ids: &[u32], mut h: u64) -> u64 {
+    for &id in ids {
+        for b in id.to_le_bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The rows of micro-batch `micro` of step `step`: a pure function of `(seed, step, micro)`
+/// and the data, the same for every objective. With aligned windows (a label cache), rows are
+/// whole cached windows; otherwise windows at random offsets. `perm` maps concept ids (the
+/// random-labels ablation).
+fn make_batch(
+    spec: &TrainSpec,
+    step: u64,
+    micro: u64,
+    rows: usize,
+    perm: Option<&[u32]>,
+) -> Result<Batch> {
     let t = spec.student.gpt2.n_positions;
     let index = step * spec.optim.grad_accum as u64 + micro;
     let dev = &spec.device;
+    let wants_labels = spec.objective.needs_labels();
     let cache = match &spec.labels {
-        Some(Labels::Cache(c)) if spec.objective == Objective::Cocomix => Some(*c),
+        Some(Labels::Cache(c)) if wants_labels => Some(*c),
         _ => None,
     };
-    let (ids, cached) = match cache.map(|c| c.n_windows()).or(spec.aligned_windows) {
+    let (ids, mut lab) = match cache.map(|c| c.n_windows()).or(spec.aligned_windows) {
         Some(n_windows) => {
             let mut rng = batch_rng(spec.seed, index);
             let (mut ids, mut lab) = (Vec::new(), Vec::new());
@@ -241,33 +269,36 @@ fn make_batch(spec: &TrainSpec, step: u64, micro: u64, rows: usize) -> Result<Ba
                     lab.extend(c.window_labels(w));
                 }
             }
-            let labels = cache
-                .map(|c| Tensor::from_vec(lab, (rows, t, c.meta().spec.k_attr), dev))
-                .transpose()?;
-            (ids, labels)
+            (ids, cache.map(|_| lab))
         }
         None => (spec.data.train_batch(rows, t, spec.seed, index)?, None),
     };
+    let hash = fnv1a(&ids, FNV_OFFSET);
     let ids = Tensor::from_vec(ids, (rows, t + 1), dev)?;
     let (x, y) = (
         ids.narrow(1, 0, t)?.contiguous()?,
         ids.narrow(1, 1, t)?.contiguous()?,
     );
-    let labels = match (&spec.labels, cached) {
-        (_, Some(l)) => Some(l),
-        (Some(Labels::Online { sae, layer, mode }), None)
-            if spec.objective == Objective::Cocomix =>
-        {
+    let k = spec.concept.k_attr;
+    if lab.is_none() && wants_labels {
+        if let Some(Labels::Online { sae, layer, mode }) = &spec.labels {
             let teacher = spec
                 .teacher
                 .ok_or_else(|| Error::Other("online labels need a teacher".into()))?;
             let att = attribute(teacher, sae, &x, *layer)?;
-            let (lab, _) = labels(&att, sae.n_latents(), spec.concept.k_attr, *mode)?;
-            Some(lab.reshape((rows, t, spec.concept.k_attr))?)
+            let (l, _) = labels(&att, sae.n_latents(), k, *mode)?;
+            lab = Some(l.flatten_all()?.to_vec1()?);
         }
-        _ => None,
-    };
-    Ok(Batch { x, y, labels })
+    }
+    let labels = lab
+        .map(|mut l| {
+            if let Some(p) = perm {
+                l.iter_mut().for_each(|c| *c = p[*c as usize]);
+            }
+            Tensor::from_vec(l, (rows, t, k), dev)
+        })
+        .transpose()?;
+    Ok(Batch { x, y, labels, hash })
 }
 
 struct Losses {
@@ -282,48 +313,51 @@ fn losses(spec: &TrainSpec, student: &Student, b: &Batch, dropout: &mut Dropout)
     let v = out.logits.dim(2)?;
     let ce = cross_entropy(&out.logits.reshape(((), v))?, &b.y.flatten_all()?)?;
     let ntp = ce.to_scalar::<f32>()? as f64;
-    match spec.objective {
-        Objective::Ntp => Ok(Losses {
-            total: ce,
-            ntp,
-            concept: None,
-            kd: None,
-        }),
-        Objective::Cocomix => {
-            let lab = b
-                .labels
-                .as_ref()
-                .ok_or_else(|| Error::Other("CoCoMix needs concept labels".into()))?;
-            let cl = out
-                .concept_logits
-                .as_ref()
-                .ok_or_else(|| Error::Other("the student has no concept path".into()))?;
-            let lc = concept_loss(cl, lab)?;
-            let concept = lc.to_scalar::<f32>()? as f64;
-            Ok(Losses {
-                total: (ce + (lc * spec.concept.lambda)?)?,
-                ntp,
-                concept: Some(concept),
-                kd: None,
-            })
-        }
-        Objective::Kd => {
-            let teacher = spec
-                .teacher
-                .ok_or_else(|| Error::Other("KD needs a teacher".into()))?;
-            let tl = teacher.forward(&b.x)?;
-            let (a, tau) = (spec.kd.alpha, spec.kd.tau);
-            let kl = kd_kl(&out.logits, &tl, tau)?;
-            let kd = kl.to_scalar::<f32>()? as f64;
-            let total = ((kl * (a * tau * tau))? + (ce * (1.0 - a))?)?;
-            Ok(Losses {
-                total,
-                ntp,
-                concept: None,
-                kd: Some(kd),
-            })
-        }
+    let plain = Losses {
+        total: ce.clone(),
+        ntp,
+        concept: None,
+        kd: None,
+    };
+    if spec.objective == Objective::Kd {
+        let teacher = spec
+            .teacher
+            .ok_or_else(|| Error::Other("KD needs a teacher".into()))?;
+        let tl = teacher.forward(&b.x)?;
+        let (a, tau) = (spec.kd.alpha, spec.kd.tau);
+        let kl = kd_kl(&out.logits, &tl, tau)?;
+        return Ok(Losses {
+            total: ((&kl * (a * tau * tau))? + (ce * (1.0 - a))?)?,
+            kd: Some(kl.to_scalar::<f32>()? as f64),
+            ..plain
+        });
     }
+    if !spec.objective.needs_labels() {
+        return Ok(plain);
+    }
+    let lab = b
+        .labels
+        .as_ref()
+        .ok_or_else(|| Error::Other(format!("{} needs concept labels", spec.objective)))?;
+    let cl = out
+        .concept_logits
+        .as_ref()
+        .ok_or_else(|| Error::Other("the student has no concept path".into()))?;
+    let lc = concept_loss(cl, lab)?;
+    Ok(Losses {
+        total: (ce + (&lc * spec.concept.lambda)?)?,
+        concept: Some(lc.to_scalar::<f32>()? as f64),
+        ..plain
+    })
+}
+
+/// The fixed random permutation of concept ids of the `random-labels` ablation: the same
+/// for every run with `n_latents` concepts (seeded by a constant, not by the run's seed).
+pub fn label_permutation(n_latents: usize) -> Vec<u32> {
+    use rand::seq::SliceRandom;
+    let mut p: Vec<u32> = (0..n_latents as u32).collect();
+    p.shuffle(&mut rand::rngs::StdRng::seed_from_u64(0xC0C0_4A11));
+    p
 }
 
 fn truncate_metrics(path: &Path, upto: u64) -> Result<()> {
@@ -462,13 +496,14 @@ impl RunState {
     }
 }
 
-/// Loss sums of one optimizer step over its micro-batches.
+/// Loss sums of one optimizer step over its micro-batches, and its batches' hash.
 #[derive(Default)]
 struct StepLosses {
     ntp: f64,
     concept: Option<f64>,
     kd: Option<f64>,
     total: f64,
+    batch_hash: u64,
 }
 
 /// Forward and backward of every micro-batch of optimizer step `step`: the gradients summed
@@ -477,6 +512,7 @@ fn accumulate(
     spec: &TrainSpec,
     student: &Student,
     step: u64,
+    perm: Option<&[u32]>,
     last_good: Option<&Path>,
 ) -> Result<(Vec<Tensor>, StepLosses)> {
     let o = &spec.optim;
@@ -485,7 +521,8 @@ fn accumulate(
     let mut sums = StepLosses::default();
     for micro in 0..o.grad_accum as u64 {
         let index = step * o.grad_accum as u64 + micro;
-        let b = make_batch(spec, step, micro, rows)?;
+        let b = make_batch(spec, step, micro, rows, perm)?;
+        sums.batch_hash = b.hash ^ sums.batch_hash.rotate_left(7);
         let mut dropout = Dropout::seeded(spec.seed ^ index.wrapping_mul(0xD129_0A5B_3C31_4F6B));
         let l = losses(spec, student, &b, &mut dropout)?;
         let lt = l.total.to_scalar::<f32>()? as f64;
@@ -565,6 +602,10 @@ pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
     let rows = o.batch_size / o.grad_accum;
 
     let mut st = RunState::resume_or_init(spec, &metrics_path)?;
+    let perm = match (spec.objective, &spec.student.concept) {
+        (Objective::RandomLabels, Some(c)) => Some(label_permutation(c.concept_dim)),
+        _ => None,
+    };
     let params: usize = st.student.vars().iter().map(|(_, v)| v.elem_count()).sum();
     let mut log = MetricsLog::open(&metrics_path)?;
     let began = Instant::now();
@@ -578,7 +619,13 @@ pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
     while st.step < o.steps {
         let t0 = Instant::now();
         let lr = lr_at(o, st.step);
-        let (mut grads, sums) = accumulate(spec, &st.student, st.step, last_good.as_deref())?;
+        let (mut grads, sums) = accumulate(
+            spec,
+            &st.student,
+            st.step,
+            perm.as_deref(),
+            last_good.as_deref(),
+        )?;
         let grad_norm = clip_grad_norm(&mut grads, o.clip)?;
         st.opt.update(&grads, lr)?;
         let step_s = t0.elapsed().as_secs_f64();
@@ -599,6 +646,7 @@ pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
             tokens_per_s: step_tokens as f64 / step_s,
             wall_s: wall(&st),
             resumed_from: st.resumed_from.filter(|&r| r + 1 == st.step),
+            batch_hash: Some(format!("{:016x}", sums.batch_hash)),
             ..Default::default()
         };
         if st.step % spec.eval_every == 0 || st.step == o.steps {

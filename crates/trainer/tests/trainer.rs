@@ -24,7 +24,9 @@ fn student(concept: bool, vocab: usize) -> StudentConfig {
             concept_dim: 24,
             concept_num: 4,
             insert_layer_index: 1,
+            interleave: true,
         }),
+        pause: None,
     }
 }
 
@@ -133,7 +135,7 @@ fn a_few_steps_of_each_objective_overfit_a_fixed_batch() {
             match objective {
                 Objective::Ntp => ce,
                 Objective::Kd => kd_kl(&out.logits, &teacher.forward(&x).unwrap(), 1.0).unwrap(),
-                Objective::Cocomix => (ce
+                _ => (ce
                     + (concept_loss(out.concept_logits.as_ref().unwrap(), &labels).unwrap() * 0.1)
                         .unwrap())
                 .unwrap(),

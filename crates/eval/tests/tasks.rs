@@ -1,11 +1,12 @@
+//! The zero-shot tasks against hand-computed scores and lm-evaluation-harness's rules.
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use cocomix_data::Tokenizer;
-use cocomix_model::{AnyModel, Gpt2, Gpt2Config, Params};
-use cocomix_trainer::tasks::{
-    encode_pair, evaluate, load_task, Choice, Doc, ModelScorer, Scorer, Task,
+use cocomix_eval::tasks::{
+    encode_pair, evaluate, load_task, require_task_file, Choice, Doc, ModelScorer, Scorer, Task,
 };
+use cocomix_model::{AnyModel, Gpt2, Gpt2Config, Params};
 
 fn tok() -> Tokenizer {
     Tokenizer::gpt2().unwrap()
@@ -18,7 +19,7 @@ struct Hand {
 }
 
 impl Scorer for Hand {
-    fn score(&self, group: &[(Vec<u32>, Vec<u32>)]) -> cocomix_trainer::Result<Vec<(f64, bool)>> {
+    fn score(&self, group: &[(Vec<u32>, Vec<u32>)]) -> cocomix_eval::Result<Vec<(f64, bool)>> {
         Ok(group
             .iter()
             .map(|(c, k)| {
@@ -34,13 +35,7 @@ impl Scorer for Hand {
 
 fn doc(ctx: &str, conts: &[&str], gold: usize) -> Doc {
     Doc {
-        choices: conts
-            .iter()
-            .map(|c| Choice {
-                context: ctx.into(),
-                continuation: c.to_string(),
-            })
-            .collect(),
+        choices: conts.iter().map(|c| Choice::new(ctx, *c)).collect(),
         gold,
     }
 }
@@ -61,7 +56,9 @@ fn acc_and_acc_norm_disagree_exactly_as_computed_by_hand() {
         (("Q2".into(), " no".into()), (-4.0, false)),
     ]);
     let r = evaluate(&task, &tok(), &Hand { tok: tok(), ll }, None).unwrap();
-    // Doc 1: raw ll picks " a" (wrong); per byte −2/2 = −1 < −3/9: picks the gold one.
+    // Doc 1: raw ll picks " a" (wrong); per character of the choice text, −2/1 = −2 <
+    // −3/8 = −0.375: picks the gold one. (The earlier byte rule, with the space, gave −2/2
+    // and −3/9: the same choice, so the numbers stand.)
     assert_eq!(r.metrics["acc"].value, 0.5);
     assert_eq!(r.metrics["acc_norm"].value, 1.0);
     // Sample std of {0, 1} is √0.5; stderr = √(0.5/2) = 0.5.
@@ -82,6 +79,67 @@ fn acc_and_acc_norm_disagree_exactly_as_computed_by_hand() {
     )
     .unwrap();
     assert_eq!(limited.samples, 1);
+}
+
+/// Evaluates one HellaSwag-scored document with hand-set log-likelihoods, keyed by the
+/// continuation (the context is "Q"); returns (acc, acc_norm).
+fn acc_and_norm(choices: &[(&str, f64)], gold: usize) -> (f64, f64) {
+    let conts: Vec<&str> = choices.iter().map(|c| c.0).collect();
+    let task = Task {
+        name: "hellaswag".into(),
+        docs: vec![doc("Q", &conts, gold)],
+    };
+    let ll = choices
+        .iter()
+        .map(|(c, l)| (("Q".to_string(), c.to_string()), (*l, false)))
+        .collect();
+    let r = evaluate(&task, &tok(), &Hand { tok: tok(), ll }, None).unwrap();
+    (r.metrics["acc"].value, r.metrics["acc_norm"].value)
+}
+
+#[test]
+fn acc_norm_leaves_the_leading_space_out_of_the_length() {
+    // Choice texts "a" (1 char) and "bb" (2 chars); lls −1.0 and −1.8.
+    // Without the space: −1.0/1 = −1.0 < −1.8/2 = −0.9, so acc_norm picks "bb" (gold).
+    // Counting the space (2 and 3) would give −0.5 > −0.6 and pick "a".
+    // Raw lls pick "a": acc 0.
+    assert_eq!(acc_and_norm(&[(" a", -1.0), (" bb", -1.8)], 1), (0.0, 1.0));
+}
+
+#[test]
+fn acc_norm_counts_characters_not_bytes() {
+    // "é" is 1 character but 2 UTF-8 bytes; "ab" is 2 and 2. lls −1.5 and −2.5.
+    // Characters: −1.5/1 = −1.5 < −2.5/2 = −1.25: picks "ab" (gold).
+    // Bytes would give −1.5/2 = −0.75 > −1.25 and pick "é". Raw lls pick "é": acc 0.
+    assert_eq!(acc_and_norm(&[(" é", -1.5), (" ab", -2.5)], 1), (0.0, 1.0));
+    // A request file's doc.choices text is what counts, not the continuation.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("piqa.jsonl");
+    let line = |idx: u64, cont: &str| {
+        serde_json::json!({"doc_id": 0, "idx": idx, "label": 1,
+            "doc": {"choices": ["naïve", "plain"]},
+            "request": {"context": "Q", "continuation": cont}})
+        .to_string()
+    };
+    std::fs::write(&p, [line(0, " naïve"), line(1, " plain")].join("\n")).unwrap();
+    let t = load_task("piqa", &p).unwrap();
+    assert_eq!(t.docs[0].choices[0].text, "naïve");
+    assert_eq!(t.docs[0].choices[0].text.chars().count(), 5);
+}
+
+#[test]
+fn acc_norm_ties_go_to_the_first_choice_as_np_argmax() {
+    // "ab" (2 chars, ll −2) and "abcd" (4 chars, ll −4): both −1 per character, a tie;
+    // np.argmax takes the first. Gold 0: acc_norm 1; gold 1: acc_norm 0. Raw lls pick
+    // the first too (−2 > −4).
+    assert_eq!(
+        acc_and_norm(&[(" ab", -2.0), (" abcd", -4.0)], 0),
+        (1.0, 1.0)
+    );
+    assert_eq!(
+        acc_and_norm(&[(" ab", -2.0), (" abcd", -4.0)], 1),
+        (0.0, 0.0)
+    );
 }
 
 #[test]
@@ -167,6 +225,33 @@ fn request_files_group_by_document_and_skip_unconditional_requests() {
         .unwrap()
         .to_string()
         .contains("piqa.jsonl"));
+    // A document listing fewer choices than its requests is an error naming the file.
+    std::fs::write(
+        &p,
+        serde_json::json!({"doc_id": 0, "idx": 2, "label": 0, "doc": {"choices": ["a"]},
+            "request": {"context": "Q", "continuation": " c"}})
+        .to_string(),
+    )
+    .unwrap();
+    let err = load_task("piqa", &p).err().unwrap().to_string();
+    assert!(
+        err.contains("piqa.jsonl") && err.contains("doc.choices"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_task_file_names_the_folder_and_the_files_looked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = require_task_file(dir.path(), "piqa")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&dir.path().display().to_string())
+            && err.contains("piqa/requests.jsonl.gz")
+            && err.contains("fetch-eval-data.sh"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -258,6 +343,13 @@ fn hugging_face_exports_become_harness_prompts() {
         (d.choices[1].continuation.as_str(), d.gold),
         (" starts b.", 1)
     );
+    // lm-eval's preprocess and Python's str.capitalize (the rest lower-cased).
+    let d = load(
+        "hellaswag",
+        serde_json::json!({"activity_label": "Cooking", "ctx_a": "A cook [header] stands.", "ctx_b": "the Man", "endings": ["cuts [step] bread.", "x"], "label": 0}),
+    );
+    assert_eq!(d.choices[0].context, "Cooking: A cook stands. The man");
+    assert_eq!(d.choices[0].text, "cuts bread.");
     let d = load(
         "piqa",
         serde_json::json!({"goal": "Open a jar", "sol1": "twist", "sol2": "push", "label": 0}),

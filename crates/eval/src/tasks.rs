@@ -3,8 +3,12 @@
 //! ARC-Easy (acc, acc_norm), WinoGrande (partial scoring, acc).
 //!
 //! Data: lm-eval-style request files (`requests.jsonl[.gz]`, one loglikelihood request per
-//! line with `doc_id`, `idx`, `label`, `request.context`, `request.continuation`), or the
-//! Hugging Face JSON/JSONL exports of each data set.
+//! line with `doc_id`, `idx`, `label`, `request.context`, `request.continuation` and the
+//! document as `doc`), or the Hugging Face JSON/JSONL exports of each data set.
+//!
+//! acc_norm is lm-eval's: each choice's log-likelihood divided by the number of Unicode
+//! characters of the choice text as the task defines it (`len(choice)` over
+//! `doc_to_choice(doc)`, without the target delimiter), see [`Choice::text`].
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -29,36 +33,65 @@ pub const TASKS: [&str; 6] = [
 /// One scored alternative of a document.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Choice {
+    /// The prompt the continuation is scored after.
     pub context: String,
+    /// What is scored, with its leading target delimiter (a space) when the task has one.
     pub continuation: String,
+    /// The choice as the task defines it (lm-eval's `doc_to_choice` entry, without the
+    /// delimiter): acc_norm divides by its length in characters.
+    pub text: String,
+}
+
+impl Choice {
+    /// A choice whose text is the continuation without its single leading space.
+    pub fn new(context: impl Into<String>, continuation: impl Into<String>) -> Self {
+        let continuation = continuation.into();
+        Self {
+            context: context.into(),
+            text: continuation
+                .strip_prefix(' ')
+                .unwrap_or(&continuation)
+                .to_string(),
+            continuation,
+        }
+    }
 }
 
 /// One document: its alternatives and the index of the right one.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Doc {
+    /// The alternatives, in the task's order.
     pub choices: Vec<Choice>,
+    /// Index of the right alternative.
     pub gold: usize,
 }
 
 /// A task's documents.
 #[derive(Clone, Debug)]
 pub struct Task {
+    /// One of [`TASKS`] (it decides the metrics).
     pub name: String,
+    /// The documents, in file order (grouped by `doc_id` for request files).
     pub docs: Vec<Doc>,
 }
 
 /// A metric's value and standard error.
 #[derive(Clone, Debug, Serialize)]
 pub struct Metric {
+    /// Mean over documents (or exp of the mean NLL for perplexity).
     pub value: f64,
+    /// Standard error of the mean (bootstrap for perplexity).
     pub stderr: f64,
 }
 
 /// The result of one task.
 #[derive(Clone, Debug, Serialize)]
 pub struct TaskResult {
+    /// The task's name.
     pub task: String,
+    /// Documents scored.
     pub samples: usize,
+    /// `acc`, `acc_norm` (multiple choice) or `perplexity` (LAMBADA), by name.
     pub metrics: BTreeMap<String, Metric>,
 }
 
@@ -72,6 +105,7 @@ pub trait Scorer {
 /// as the harness does, and runs a group (one document's alternatives) in one forward, right-
 /// padded (padding after a sequence does not change a causal model's earlier outputs).
 pub struct ModelScorer<'a> {
+    /// The model scored.
     pub model: &'a AnyModel,
     /// Window (defaults to the model's context).
     pub max_len: usize,
@@ -95,7 +129,8 @@ impl Scorer for ModelScorer<'_> {
             ids.extend(std::iter::repeat_n(0u32, width - inp.len()));
         }
         let x = Tensor::from_vec(ids, (rows.len(), width), self.model.device())?;
-        let logp = log_softmax_last(&self.model.logits(&x)?)?; // [G, W, V]
+        let logits = self.model.logits(&x)?.to_dtype(DType::F32)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?; // [G, W, V]
         let mut out = Vec::with_capacity(rows.len());
         for (r, (inp, tgt, k)) in rows.iter().enumerate() {
             // A continuation longer than the window is scored on the tokens the window holds.
@@ -112,14 +147,6 @@ impl Scorer for ModelScorer<'_> {
         }
         Ok(out)
     }
-}
-
-fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
-    let x = x.to_dtype(DType::F32)?;
-    let max = x.max_keepdim(D::Minus1)?;
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(shifted.broadcast_sub(&lse)?)
 }
 
 /// Token ids of a request as the harness makes them: a trailing space of the context moves
@@ -176,6 +203,18 @@ fn ppl_with_bootstrap(lls: &[f64]) -> Metric {
     }
 }
 
+/// `np.argmax`: the first maximum, a NaN counting as the maximum.
+fn argmax(xs: impl Iterator<Item = f64>) -> usize {
+    let mut best: Option<(usize, f64)> = None;
+    for (i, x) in xs.enumerate() {
+        match best {
+            Some((_, b)) if b.is_nan() || !(x > b || x.is_nan()) => {}
+            _ => best = Some((i, x)),
+        }
+    }
+    best.map_or(0, |b| b.0)
+}
+
 /// Evaluates `task` with `scorer` on at most `limit` documents.
 pub fn evaluate(
     task: &Task,
@@ -185,7 +224,7 @@ pub fn evaluate(
 ) -> Result<TaskResult> {
     let docs = &task.docs[..limit.unwrap_or(usize::MAX).min(task.docs.len())];
     if docs.is_empty() {
-        return Err(Error::Other(format!("{}: no documents", task.name)));
+        return Err(Error::Invalid(format!("{}: no documents", task.name)));
     }
     let (mut acc, mut acc_norm, mut lls, mut greedy) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -196,11 +235,14 @@ pub fn evaluate(
             .map(|c| encode_pair(tok, &c.context, &c.continuation))
             .collect::<Result<_>>()?;
         let scores = scorer.score(&group)?;
-        let argmax = |f: &dyn Fn(usize) -> f64| {
-            (0..scores.len()).fold(0, |b, i| if f(i) > f(b) { i } else { b })
-        };
-        let best = argmax(&|i| scores[i].0);
-        let best_norm = argmax(&|i| scores[i].0 / doc.choices[i].continuation.len().max(1) as f64);
+        let best = argmax(scores.iter().map(|s| s.0));
+        // lm-eval: lls / [len(choice) for choice in doc_to_choice(doc)], in characters.
+        let best_norm = argmax(
+            scores
+                .iter()
+                .zip(&doc.choices)
+                .map(|(s, c)| s.0 / c.text.chars().count() as f64),
+        );
         acc.push((best == doc.gold) as u8 as f64);
         acc_norm.push((best_norm == doc.gold) as u8 as f64);
         lls.push(scores[doc.gold].0);
@@ -246,23 +288,46 @@ fn gunzip(raw: &[u8], out: &mut String) -> std::io::Result<usize> {
     flate2::read::MultiGzDecoder::new(raw).read_to_string(out)
 }
 
-/// Where a task's data lives under `data_dir`: `<task>/requests.jsonl.gz` (as
-/// `scripts/fetch-eval-data.sh` writes it), or `<task>.jsonl` / `<task>.json` (HF export).
-pub fn find_task_file(data_dir: &Path, task: &str) -> Option<PathBuf> {
+/// The files a task's data may live in under `data_dir`, in the order they are tried:
+/// `<task>/requests.jsonl.gz` (as `scripts/fetch-eval-data.sh` writes it),
+/// `<task>/requests.jsonl`, or `<task>.jsonl` / `<task>.json` (HF export).
+pub fn task_file_candidates(data_dir: &Path, task: &str) -> [PathBuf; 4] {
     [
         data_dir.join(task).join("requests.jsonl.gz"),
         data_dir.join(task).join("requests.jsonl"),
         data_dir.join(format!("{task}.jsonl")),
         data_dir.join(format!("{task}.json")),
     ]
-    .into_iter()
-    .find(|p| p.is_file())
+}
+
+/// The first of [`task_file_candidates`] that exists.
+pub fn find_task_file(data_dir: &Path, task: &str) -> Option<PathBuf> {
+    task_file_candidates(data_dir, task)
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+/// [`find_task_file`], or an error naming the folder and the files looked for.
+pub fn require_task_file(data_dir: &Path, task: &str) -> Result<PathBuf> {
+    find_task_file(data_dir, task).ok_or_else(|| {
+        let tried: Vec<String> = task_file_candidates(data_dir, task)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        Error::file(
+            data_dir,
+            format!(
+                "no data for task {task} (looked for {}); run scripts/fetch-eval-data.sh",
+                tried.join(", ")
+            ),
+        )
+    })
 }
 
 /// Loads a task from a request file or an HF export.
 pub fn load_task(task: &str, path: &Path) -> Result<Task> {
     if !TASKS.contains(&task) {
-        return Err(Error::Config(format!(
+        return Err(Error::Invalid(format!(
             "unknown task {task:?}; known: {}",
             TASKS.join(", ")
         )));
@@ -302,7 +367,10 @@ pub fn load_task(task: &str, path: &Path) -> Result<Task> {
 }
 
 /// Request files: group lines by `doc_id` (skipping the unconditional requests, whose ids
-/// are offset by 1,000,000), alternatives in `idx` order, gold from `label`.
+/// are offset by 1,000,000), alternatives in `idx` order, gold from `label`. A choice's
+/// text is `doc.choices[idx]` where the document lists its choices (ARC-Easy, HellaSwag,
+/// PIQA, Social IQa), else the continuation without its leading space (WinoGrande,
+/// whose acc_norm is not reported, and LAMBADA).
 fn from_requests(rows: &[serde_json::Value], path: &Path) -> Result<Vec<Doc>> {
     let mut by_doc: BTreeMap<u64, Vec<(u64, Choice, serde_json::Value)>> = BTreeMap::new();
     for (i, r) in rows.iter().enumerate() {
@@ -321,18 +389,24 @@ fn from_requests(rows: &[serde_json::Value], path: &Path) -> Result<Vec<Doc>> {
         }
         let idx = r.get("idx").and_then(|v| v.as_u64()).ok_or_else(bad)?;
         let req = r.get("request").ok_or_else(bad)?;
-        let choice = Choice {
-            context: req
-                .get("context")
+        let field = |k: &str| req.get(k).and_then(|v| v.as_str()).ok_or_else(bad);
+        let mut choice = Choice::new(field("context")?, field("continuation")?);
+        if let Some(list) = r.pointer("/doc/choices").and_then(|v| v.as_array()) {
+            choice.text = list
+                .get(idx as usize)
                 .and_then(|v| v.as_str())
-                .ok_or_else(bad)?
-                .to_string(),
-            continuation: req
-                .get("continuation")
-                .and_then(|v| v.as_str())
-                .ok_or_else(bad)?
-                .to_string(),
-        };
+                .ok_or_else(|| {
+                    Error::file(
+                        path,
+                        format!(
+                            "request {}: idx {idx} has no string in doc.choices ({} entries)",
+                            i + 1,
+                            list.len()
+                        ),
+                    )
+                })?
+                .to_string();
+        }
         by_doc.entry(doc_id).or_default().push((
             idx,
             choice,
@@ -367,46 +441,43 @@ fn s<'a>(r: &'a serde_json::Value, k: &str) -> Option<&'a str> {
 
 /// Hugging Face exports, prompted as the harness prompts each task.
 fn from_hf(task: &str, r: &serde_json::Value) -> Option<Doc> {
-    let mc = |context: String, conts: Vec<String>, gold: usize| Doc {
-        choices: conts
-            .into_iter()
-            .map(|c| Choice {
-                context: context.clone(),
-                continuation: c,
-            })
+    // Multiple choice: the choice texts follow the target delimiter " ".
+    let mc = |context: String, texts: Vec<String>, gold: usize| Doc {
+        choices: texts
+            .iter()
+            .map(|t| Choice::new(context.clone(), format!(" {t}")))
             .collect(),
         gold,
+    };
+    let strings = |v: &serde_json::Value| -> Option<Vec<String>> {
+        v.as_array()?
+            .iter()
+            .map(|e| e.as_str().map(str::to_string))
+            .collect()
     };
     Some(match task {
         "lambada" => {
             let text = s(r, "text")?;
             let cut = text.rfind(' ')?;
             Doc {
-                choices: vec![Choice {
-                    context: text[..cut].to_string(),
-                    continuation: text[cut..].to_string(),
-                }],
+                choices: vec![Choice::new(&text[..cut], &text[cut..])],
                 gold: 0,
             }
         }
         "hellaswag" => {
-            let ctx = format!(
-                "{}: {} {}",
-                s(r, "activity_label")?,
-                s(r, "ctx_a")?,
-                capitalize(s(r, "ctx_b")?)
-            );
-            let endings: Vec<String> = r
-                .get("endings")?
-                .as_array()?
-                .iter()
-                .map(|e| format!(" {}", e.as_str().unwrap_or_default()))
-                .collect();
-            mc(ctx.trim().to_string(), endings, label(r.get("label")?)?)
+            // lm-eval's `process_docs`: query and endings through `preprocess`.
+            let ctx = format!("{} {}", s(r, "ctx_a")?, py_capitalize(s(r, "ctx_b")?));
+            let query = hellaswag_preprocess(&format!("{}: {ctx}", s(r, "activity_label")?));
+            let endings = strings(r.get("endings")?)?;
+            mc(
+                query,
+                endings.iter().map(|e| hellaswag_preprocess(e)).collect(),
+                label(r.get("label")?)?,
+            )
         }
         "piqa" => mc(
             format!("Question: {}\nAnswer:", s(r, "goal")?),
-            vec![format!(" {}", s(r, "sol1")?), format!(" {}", s(r, "sol2")?)],
+            vec![s(r, "sol1")?.to_string(), s(r, "sol2")?.to_string()],
             label(r.get("label")?)?,
         ),
         "siqa" => mc(
@@ -417,32 +488,25 @@ fn from_hf(task: &str, r: &serde_json::Value) -> Option<Doc> {
             ),
             ["answerA", "answerB", "answerC"]
                 .iter()
-                .map(|k| s(r, k).map(|a| format!(" {a}")))
+                .map(|k| s(r, k).map(str::to_string))
                 .collect::<Option<_>>()?,
             label(r.get("label")?)?.checked_sub(1)?,
         ),
         "arc_easy" => {
             let choices = r.get("choices")?;
-            let texts: Vec<String> = choices
-                .get("text")?
-                .as_array()?
+            let labels = strings(choices.get("label")?)?;
+            let gold = labels
                 .iter()
-                .map(|t| format!(" {}", t.as_str().unwrap_or_default()))
-                .collect();
-            let labels: Vec<&str> = choices
-                .get("label")?
-                .as_array()?
-                .iter()
-                .filter_map(|l| l.as_str())
-                .collect();
-            let gold = labels.iter().position(|l| Some(*l) == s(r, "answerKey"))?;
+                .position(|l| Some(l.as_str()) == s(r, "answerKey"))?;
             mc(
                 format!("Question: {}\nAnswer:", s(r, "question")?),
-                texts,
+                strings(choices.get("text")?)?,
                 gold,
             )
         }
         "winogrande" => {
+            // Partial scoring: the option fills the blank in the context, the rest of the
+            // sentence is scored; lm-eval's choices are the partial contexts.
             let sentence = s(r, "sentence")?;
             let blank = sentence.find('_')?;
             let suffix = format!(" {}", sentence[blank + 1..].trim());
@@ -450,9 +514,13 @@ fn from_hf(task: &str, r: &serde_json::Value) -> Option<Doc> {
             Doc {
                 choices: opts
                     .iter()
-                    .map(|o| Choice {
-                        context: format!("{}{o}", &sentence[..blank]),
-                        continuation: suffix.clone(),
+                    .map(|o| {
+                        let context = format!("{}{o}", &sentence[..blank]);
+                        Choice {
+                            text: context.clone(),
+                            context,
+                            continuation: suffix.clone(),
+                        }
                     })
                     .collect(),
                 gold: label(r.get("answer")?)?.checked_sub(1)?,
@@ -468,9 +536,33 @@ fn label(v: &serde_json::Value) -> Option<usize> {
         .or_else(|| v.as_str()?.trim().parse().ok())
 }
 
-fn capitalize(x: &str) -> String {
+/// Python's `str.capitalize`: the first character upper case, the rest lower case.
+fn py_capitalize(x: &str) -> String {
     let mut c = x.chars();
     c.next()
-        .map(|f| f.to_uppercase().chain(c).collect())
+        .map(|f| {
+            f.to_uppercase()
+                .chain(c.flat_map(char::to_lowercase))
+                .collect()
+        })
         .unwrap_or_default()
+}
+
+/// lm-eval's HellaSwag `preprocess`: strip, `" [title]"` → `". "`, drop `[...]` (WikiHow
+/// artifacts, shortest match), `"  "` → `" "`.
+fn hellaswag_preprocess(text: &str) -> String {
+    let text = text.trim().replace(" [title]", ". ");
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(open) = rest.find('[') {
+        match rest[open..].find(']') {
+            Some(close) => {
+                out.push_str(&rest[..open]);
+                rest = &rest[open + close + 1..];
+            }
+            None => break,
+        }
+    }
+    out.push_str(rest);
+    out.replace("  ", " ")
 }
