@@ -1,5 +1,5 @@
 //! Any model this crate loads, behind one interface (evaluation, generation).
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
@@ -75,6 +75,32 @@ impl AnyModel {
             Self::Gpt2(g) => Some(g),
             Self::Llama(l) => Some(l.as_ref()),
             Self::Student(_) => None,
+        }
+    }
+
+    /// The model as an owned teacher; a CoCoMix student is refused (its residual stream
+    /// carries inserted concepts, and it is no plain causal LM).
+    pub fn into_teacher(self) -> Result<Box<dyn CausalLm>> {
+        match self {
+            Self::Gpt2(g) => Ok(Box::new(g)),
+            Self::Llama(l) => Ok(l),
+            Self::Student(_) => Err(Error::Other(
+                "a CoCoMix student cannot be a teacher (use a GPT-2, a Llama-family model or an \
+                 NTP/KD student)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// The file that identifies the weights of `spec` (hashed into label caches and SAE
+    /// metadata): the `.gguf` file, `model.safetensors`, or a sharded model's index.
+    pub fn weights_file(&self, spec: &str) -> Result<PathBuf> {
+        if crate::gguf::is_gguf_path(Path::new(spec)) {
+            return Ok(PathBuf::from(spec));
+        }
+        match self {
+            Self::Llama(_) => Ok(resolve_hf_files(spec)?.weights_name().to_path_buf()),
+            Self::Gpt2(_) | Self::Student(_) => Ok(resolve_model_files(spec)?.1),
         }
     }
 

@@ -20,7 +20,7 @@ use candle_core::{Device, Tensor};
 use cocomix_attribution::{attribute, labels, LabelCache, LabelMode};
 use cocomix_data::Dataset;
 use cocomix_model::ops::{concept_loss, cross_entropy, kd_kl};
-use cocomix_model::{Dropout, Gpt2, Student, StudentConfig};
+use cocomix_model::{CausalLm, Dropout, Student, StudentConfig};
 use cocomix_sae::Sae;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -49,7 +49,7 @@ pub struct TrainSpec<'a> {
     pub run_dir: PathBuf,
     pub seed: u64,
     /// Frozen teacher (KD, and CoCoMix with online labels).
-    pub teacher: Option<&'a Gpt2>,
+    pub teacher: Option<&'a dyn CausalLm>,
     pub labels: Option<Labels<'a>>,
     /// Sample aligned windows `w·T` with `w < n` (the label cache's windows) for every
     /// objective, so students compared with a cached CoCoMix run see the same batches.
@@ -323,7 +323,7 @@ fn losses(spec: &TrainSpec, student: &Student, b: &Batch, dropout: &mut Dropout)
         let teacher = spec
             .teacher
             .ok_or_else(|| Error::Other("KD needs a teacher".into()))?;
-        let tl = teacher.forward(&b.x)?;
+        let tl = teacher.logits(&b.x)?;
         let (a, tau) = (spec.kd.alpha, spec.kd.tau);
         let kl = kd_kl(&out.logits, &tl, tau)?;
         return Ok(Losses {
