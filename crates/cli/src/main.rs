@@ -72,6 +72,10 @@ struct TrainArgs {
     /// Override a config key, e.g. --set optim.lr=3e-4 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// Stop after the shared stages (data, teacher, SAE, label cache): build them once, for
+    /// example before many runs or to rebuild the shipped assets (scripts/build-assets.sh).
+    #[arg(long)]
+    prepare_only: bool,
 }
 
 #[derive(clap::Args)]
@@ -91,8 +95,13 @@ struct CompareArgs {
     lambdas: Vec<f64>,
 }
 
-fn run_job(cfg: &cocomix_trainer::RunConfig) -> Result<()> {
+fn run_job(cfg: &cocomix_trainer::RunConfig, prepare_only: bool) -> Result<()> {
     let device = cocomix_trainer::default_device()?;
+    if prepare_only {
+        let shared = cocomix_trainer::pipeline::Shared::prepare(cfg, &cfg.run.objectives, &device)?;
+        println!("{}", shared.describe(cfg));
+        return Ok(());
+    }
     let dir = cocomix_trainer::pipeline::run_main_job(cfg, &device)?;
     let path = dir.join("compare.md");
     let report = std::fs::read_to_string(&path)
@@ -103,10 +112,10 @@ fn run_job(cfg: &cocomix_trainer::RunConfig) -> Result<()> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    run_job(&cocomix_trainer::RunConfig::load(
-        &args.config,
-        &args.overrides,
-    )?)
+    run_job(
+        &cocomix_trainer::RunConfig::load(&args.config, &args.overrides)?,
+        args.prepare_only,
+    )
 }
 
 fn compare(args: CompareArgs) -> Result<()> {
@@ -129,10 +138,10 @@ fn compare(args: CompareArgs) -> Result<()> {
         let list: Vec<String> = arms.iter().map(|a| format!("\"{a}\"")).collect();
         overrides.push(format!("run.objectives=[{}]", list.join(",")));
     }
-    run_job(&cocomix_trainer::RunConfig::load(
-        &args.train.config,
-        &overrides,
-    )?)
+    run_job(
+        &cocomix_trainer::RunConfig::load(&args.train.config, &overrides)?,
+        args.train.prepare_only,
+    )
 }
 
 #[derive(clap::Args)]

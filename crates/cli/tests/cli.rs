@@ -502,6 +502,34 @@ fn a_sigkilled_run_resumes_to_the_same_losses() {
 }
 
 #[test]
+fn prepare_only_builds_the_shared_stages_and_trains_no_student() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(dir.path(), "prep");
+    let out = run_ok(
+        bin()
+            .args(["train", "--prepare-only", "--config"])
+            .arg(&cfg),
+    );
+    assert!(out.contains("Teacher:"), "{out}");
+    let root = dir.path().join("prep/tiny");
+    assert!(root.join("teacher/final/model.safetensors").is_file());
+    let saes: Vec<_> = std::fs::read_dir(root.join("sae")).unwrap().collect();
+    assert!(!saes.is_empty(), "no SAE in {}", root.display());
+    let labels = std::fs::read_dir(dir.path().join("prep/data"))
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with("labels-")
+        })
+        .count();
+    assert_eq!(labels, 1, "one label cache");
+    for student in ["ntp", "cocomix"] {
+        assert!(!root.join(student).exists(), "{student} was trained");
+    }
+    assert!(!root.join("compare.md").exists());
+}
+
+#[test]
 fn bad_configs_fail_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config(dir.path(), "bad");
