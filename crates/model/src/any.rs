@@ -22,8 +22,9 @@ pub enum AnyModel {
 struct ModelKind {
     #[serde(default)]
     model_type: Option<String>,
+    /// `null` in some GPT-2 configs.
     #[serde(default)]
-    architectures: Vec<String>,
+    architectures: Option<Vec<String>>,
 }
 
 impl AnyModel {
@@ -41,6 +42,7 @@ impl AnyModel {
         let llama_arch = kind
             .architectures
             .iter()
+            .flatten()
             .any(|a| a == "LlamaForCausalLM" || a == "MistralForCausalLM");
         match kind.model_type.as_deref() {
             Some(t) if MODEL_TYPES.contains(&t) => {

@@ -101,6 +101,10 @@ fn sharded_folder_and_any_model_load_the_same_model() {
         assert!(m.teacher().is_some());
         assert_eq!((m.context(), m.vocab_size(), m.d_model()), (64, 272, 32));
     }
+    // A GPT-2 config with `"architectures": null` (as transformers writes some) stays GPT-2.
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/golden/teacher");
+    let m = AnyModel::load(&golden.display().to_string(), &DEV).unwrap();
+    assert!(matches!(m, AnyModel::Gpt2(_)));
 }
 
 #[test]

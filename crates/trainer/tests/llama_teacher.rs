@@ -17,7 +17,8 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn corpus(dir: &Path) -> PathBuf {
+/// Two documents (the validation split needs one of its own).
+fn corpus(dir: &Path) -> Vec<PathBuf> {
     let text: String = (0..300)
         .map(|i| {
             format!(
@@ -27,9 +28,10 @@ fn corpus(dir: &Path) -> PathBuf {
             )
         })
         .collect();
-    let p = dir.join("corpus.txt");
-    std::fs::write(&p, text).unwrap();
-    p
+    let (a, b) = (dir.join("corpus.txt"), dir.join("corpus2.txt"));
+    std::fs::write(&a, &text).unwrap();
+    std::fs::write(&b, &text[400..]).unwrap();
+    vec![a, b]
 }
 
 /// A tiny job on `teacher` (its middle layer 1 of 3, d = 32) with `data.tokenizer`.
@@ -64,7 +66,7 @@ fn tiny_cfg(dir: &Path, teacher: &Path, tokenizer: &str, objectives: &str) -> Ru
         format!("teacher.source=\"{}\"", teacher.display()),
         format!("data.tokenizer=\"{tokenizer}\""),
         format!("data.dir=\"{}\"", dir.join("data").display()),
-        format!("data.inputs=[\"{}\"]", corpus(dir).display()),
+        format!("data.inputs={:?}", corpus(dir)),
         format!("run.out_dir=\"{}\"", dir.display()),
     ])
     .collect();
@@ -156,7 +158,7 @@ fn data_of_another_tokenizer_is_refused_before_any_work() {
     let gpt2 = Tokenizer::gpt2().unwrap();
     let opts = PrepareOptions {
         val_fraction: 0.3,
-        ..PrepareOptions::new(vec![corpus(dir.path())], dir.path().join("data"))
+        ..PrepareOptions::new(corpus(dir.path()), dir.path().join("data"))
     };
     prepare(&opts, &gpt2).unwrap();
     let meta = std::fs::read(dir.path().join("data/meta.json")).unwrap();
@@ -190,8 +192,7 @@ fn data_tokenizer_teacher_needs_a_loaded_teacher() {
             "data.tokenizer=\"teacher\"".into(),
         ],
     )
-    .err()
-    .expect("refused")
+    .expect_err("refused")
     .to_string();
     assert!(e.contains("data.tokenizer = \"teacher\""), "{e}");
 }
