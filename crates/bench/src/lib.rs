@@ -20,6 +20,7 @@ mod attribution;
 mod common;
 mod configs;
 mod data;
+mod dist;
 mod eval;
 mod model;
 pub mod parity;
@@ -63,6 +64,9 @@ pub enum Error {
     /// From the eval crate.
     #[error(transparent)]
     Eval(#[from] cocomix_eval::Error),
+    /// From the communicator (`bench dist`).
+    #[error(transparent)]
+    Dist(#[from] cocomix_dist::Error),
     /// Reading or writing a file.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -92,6 +96,9 @@ pub enum Bench {
     /// SmolLM2-135M as a teacher (skipped when its GGUF is absent): forward and residual
     /// gradient tokens/s, label-cache build.
     Smollm2,
+    /// Data parallelism over MPI: gradient all-reduce bytes and time per step at the 69M
+    /// shapes, NTP throughput on 1 vs 2 ranks. Each case runs as [`dist_ranks`] MPI ranks.
+    Dist,
 }
 
 impl Bench {
@@ -105,6 +112,7 @@ impl Bench {
             Bench::Train => "train",
             Bench::Eval => "eval",
             Bench::Smollm2 => "smollm2",
+            Bench::Dist => "dist",
         }
     }
 
@@ -144,6 +152,10 @@ impl Bench {
                     "smollm2-labels",
                 ],
                 &[],
+            ),
+            Bench::Dist => (
+                &["train-default-ntp-1rank", "train-default-ntp-2rank"],
+                &["allreduce-69m"],
             ),
         };
         base.iter()
@@ -194,10 +206,16 @@ pub struct Report {
     pub ratios: Option<serde_json::Value>,
 }
 
+/// MPI ranks a [`Bench::Dist`] case runs on (`mpirun -np` this; 1 for every other case).
+pub fn dist_ranks(case: &str) -> usize {
+    dist::ranks(case)
+}
+
 /// Runs one case in this process; the result includes this process's peak RSS.
 pub fn run_case(case: &str, opts: &BenchOptions) -> Result<serde_json::Value> {
     let mut v = match case {
         "data" => data::data(&opts.corpus)?,
+        c if dist::CASES.contains(&c) => dist::run(c)?,
         c if c.starts_with("data-") => data::format(c, &opts.corpus)?,
         "tiny-ntp" | "tiny-cocomix" | "69m-ntp" | "69m-cocomix" => model::student_step(case)?,
         "residual-grad-124m" => model::residual_grad_124m()?,

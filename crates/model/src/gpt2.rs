@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor, Var, D};
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::ops::{causal_mask, frozen_matmul, LayerNorm};
@@ -162,36 +161,77 @@ impl Gpt2Config {
     }
 }
 
-/// Dropout of one forward pass: off (inference), or on with masks drawn from an RNG seeded
-/// per step, so a run (and a resumed run) is reproducible.
+/// Dropout of one forward pass: off (inference), or on with masks that are a pure function
+/// of `(seed, call, global row, position)`. The `n`-th [`Dropout::apply`] of a pass (its
+/// call site) zeroes element `i` of row `b` of its input (dim 0 holds the batch rows, the
+/// position `i` counts within a row) iff `u(seed, n, row_offset + b, i) < p`, with `u`
+/// uniform in [0, 1) from SplitMix64. So a run (and a resumed run) is reproducible, and a
+/// data-parallel rank holding rows `r0..` of a batch draws, with `with_row_offset(r0)`,
+/// exactly the masks of those rows in the whole batch.
 pub struct Dropout {
-    rng: Option<rand::rngs::StdRng>,
+    seed: Option<u64>,
+    row_offset: u64,
+    calls: u64,
+}
+
+/// SplitMix64's output function (Steele et al. 2014).
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 impl Dropout {
     /// Inference: no dropout.
     pub fn off() -> Self {
-        Self { rng: None }
-    }
-    /// Training: dropout masks drawn from an RNG seeded with `seed` (reproducible).
-    pub fn seeded(seed: u64) -> Self {
-        use rand::SeedableRng;
         Self {
-            rng: Some(rand::rngs::StdRng::seed_from_u64(seed)),
+            seed: None,
+            row_offset: 0,
+            calls: 0,
         }
+    }
+    /// Training: masks keyed by `seed` (reproducible), the batch's first row being row 0.
+    pub fn seeded(seed: u64) -> Self {
+        Self {
+            seed: Some(seed),
+            row_offset: 0,
+            calls: 0,
+        }
+    }
+    /// The global index of the first row of the batches this pass sees (a data-parallel
+    /// rank's slice of a global batch starts at `r0`).
+    pub fn with_row_offset(mut self, r0: u64) -> Self {
+        self.row_offset = r0;
+        self
     }
     /// Inverted dropout with probability `p` (identity when off).
     pub fn apply(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
-        let Some(rng) = self.rng.as_mut() else {
+        let Some(seed) = self.seed else {
             return Ok(x.clone());
         };
+        let call = self.calls;
+        self.calls += 1;
         if p == 0.0 {
             return Ok(x.clone());
         }
         let keep = (1.0 / (1.0 - p)) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
-            .collect();
+        let rows = x.dims().first().copied().unwrap_or(1).max(1);
+        let per_row = x.elem_count() / rows;
+        let call_key = splitmix64(splitmix64(seed) ^ call);
+        let mut mask = Vec::with_capacity(x.elem_count());
+        for b in 0..rows as u64 {
+            let row_key = splitmix64(call_key ^ (self.row_offset + b));
+            mask.extend((0..per_row as u64).map(|i| {
+                let z = splitmix64(row_key.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+                let u = (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+                if u < p {
+                    0.0
+                } else {
+                    keep
+                }
+            }));
+        }
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         Ok(x.mul(&mask)?)
     }

@@ -470,6 +470,14 @@ pub struct RunConfig {
     pub kd: KdSection,
     pub eval: EvalSection,
     pub checkpoint: CheckpointSection,
+    /// `[dist]`: data-parallel training (optional; one process by default). Not part of a
+    /// run's identity: a run may resume under another world size.
+    #[serde(default, skip_serializing_if = "is_single")]
+    pub dist: cocomix_dist::DistConfig,
+}
+
+fn is_single(d: &cocomix_dist::DistConfig) -> bool {
+    *d == cocomix_dist::DistConfig::default()
 }
 
 fn parse_value(text: &str) -> toml::Value {
@@ -524,6 +532,7 @@ impl RunConfig {
         c.run.objectives = vec![Arm::new(arm.objective)];
         c.concept.lambda = arm.lambda(&self.concept);
         c.concept.label_mode = arm.label_mode(&self.concept);
+        c.dist = Default::default();
         c
     }
 
@@ -669,6 +678,9 @@ impl RunConfig {
         if self.eval.every == 0 || self.checkpoint.every == 0 {
             return bad("eval.every and checkpoint.every must be positive".into());
         }
+        self.dist
+            .validate()
+            .map_err(|e| Error::Config(e.to_string()))?;
         Ok(())
     }
 }

@@ -1,19 +1,49 @@
 //! The main job: corpus → teacher → SAE → label cache → NTP / KD / CoCoMix students →
 //! evaluation and a side-by-side report. Every stage reuses what an earlier run left.
+//!
+//! Under data parallelism every rank runs the job: rank 0 alone prepares the data and trains
+//! the SAE while the others wait, then they reuse its files (so the output folders must be on
+//! a filesystem all ranks share); the teacher, the label cache and the students are made by
+//! all ranks together; rank 0 writes every report.
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use cocomix_attribution::{LabelCache, LabelCacheSpec, LabelChoice, LabelMode};
 use cocomix_data::{Dataset, PrepareOptions, Tokenizer};
+use cocomix_dist::Comm;
 use cocomix_model::{AnyModel, CausalLm, ConceptConfig, Gpt2Config, PauseConfig, StudentConfig};
 use cocomix_sae::{Sae, SaeTrainConfig, SaeTrainer};
 
 use crate::report::write_run_report;
-use crate::run::{train, Labels, TrainOutcome, TrainSpec};
+use crate::run::{train_dist, Labels, TrainOutcome, TrainSpec};
 use crate::{Arm, Error, LabelSource, Objective, Result, RunConfig, Source};
 
-fn stage(n: usize, what: &str) {
-    tracing::info!("[{n}/6] {what}");
+fn stage(n: usize, what: &str, comm: &Comm) {
+    comm.set_phase(format!("stage {n} ({what})"));
+    if comm.is_root() {
+        tracing::info!("[{n}/6] {what}");
+    }
+}
+
+/// Runs `f` on rank 0 first (it writes the files), then, once it is done, on the other
+/// ranks (which find and reuse them). An error on any rank stops all.
+fn rank0_first<T>(comm: &Comm, f: impl Fn() -> Result<T>) -> Result<T> {
+    let first = if comm.is_root() { Some(f()) } else { None };
+    // Untimed: rank 0's work may take hours (a corpus, an SAE).
+    comm.wait_for_all()?;
+    let second = match comm.agree(first.transpose())? {
+        Some(v) => Ok(v),
+        None => f(),
+    };
+    comm.agree(second)
+}
+
+/// Rank 0's answer to `question`, on every rank (so all ranks take the same branch even
+/// when a file appears in between).
+fn root_decides(comm: &Comm, question: impl FnOnce() -> bool) -> Result<bool> {
+    let mut b = [(comm.is_root() && question()) as u8];
+    comm.broadcast(&mut b, 0)?;
+    Ok(b[0] == 1)
 }
 
 /// Errors unless a finished run folder was made with the same config text (reusing a run
@@ -173,6 +203,17 @@ pub fn load_or_train_teacher(
     tok: &Tokenizer,
     device: &Device,
 ) -> Result<Teacher> {
+    load_or_train_teacher_dist(cfg, data, tok, device, &Comm::single())
+}
+
+/// [`load_or_train_teacher`] by the ranks of `comm` (a teacher to train is trained by all).
+pub fn load_or_train_teacher_dist(
+    cfg: &RunConfig,
+    data: &Dataset,
+    tok: &Tokenizer,
+    device: &Device,
+    comm: &Comm,
+) -> Result<Teacher> {
     let root = cfg.run.out_dir.join(&cfg.run.name);
     let dir = if cfg.teacher.source == Source::Train {
         let dir = root.join("teacher");
@@ -214,14 +255,18 @@ pub fn load_or_train_teacher(
             optim: &optim,
         })
         .map_err(|e| Error::Other(e.to_string()))?;
-        if dir.join("final/model.safetensors").is_file() {
-            check_same_config(&dir, &identity)?;
-            tracing::info!(
-                "reusing the small teacher trained earlier in {}",
-                dir.display()
-            );
+        if root_decides(comm, || dir.join("final/model.safetensors").is_file())? {
+            comm.agree(check_same_config(&dir, &identity))?;
+            if comm.is_root() {
+                tracing::info!(
+                    "reusing the small teacher trained earlier in {}",
+                    dir.display()
+                );
+            }
         } else {
-            tracing::info!("no teacher given: training a small {}-layer, d={} teacher on the corpus (NOT GPT-2)", t.n_layer, t.d_model);
+            if comm.is_root() {
+                tracing::info!("no teacher given: training a small {}-layer, d={} teacher on the corpus (NOT GPT-2)", t.n_layer, t.d_model);
+            }
             let mut spec = base_spec(
                 cfg,
                 Objective::Ntp,
@@ -235,8 +280,10 @@ pub fn load_or_train_teacher(
                 true,
             );
             spec.config_text = identity;
-            let out = train(&spec)?;
-            write_run_report(&dir, &out)?;
+            let out = train_dist(&spec, comm)?;
+            if comm.is_root() {
+                write_run_report(&dir, &out)?;
+            }
         }
         dir.join("final")
     } else {
@@ -514,11 +561,14 @@ pub struct Shared {
     pub sae: Option<(Sae, PathBuf)>,
     /// One label cache per label mode the arms use (with `concept.labels = "cache"`).
     pub caches: Vec<(LabelMode, LabelCache)>,
+    /// The ranks that train the students.
+    pub comm: Comm,
 }
 
 impl Shared {
-    /// Prepares the data, then the teacher, SAE and label cache if any of `arms` needs them.
-    pub fn prepare(cfg: &RunConfig, arms: &[Arm], device: &Device) -> Result<Self> {
+    /// Prepares the data, then the teacher, SAE and label cache if any of `arms` needs them,
+    /// with the ranks of `comm`.
+    pub fn prepare(cfg: &RunConfig, arms: &[Arm], device: &Device, comm: &Comm) -> Result<Self> {
         let needs_teacher = arms.iter().any(|a| a.objective.needs_teacher());
         let needs_labels = arms.iter().any(|a| a.objective.needs_labels());
         // A loaded teacher's tokenizer is known before any work: the data must use it.
@@ -528,25 +578,27 @@ impl Shared {
             }
             _ => None,
         };
-        stage(1, "data");
-        let (data, tok) = prepare_data(cfg, teacher_tok.as_ref())?;
+        stage(1, "data", comm);
+        let (data, tok) = rank0_first(comm, || prepare_data(cfg, teacher_tok.as_ref()))?;
         let teacher = if needs_teacher {
-            stage(2, "teacher");
-            Some(load_or_train_teacher(cfg, &data, &tok, device)?)
+            stage(2, "teacher", comm);
+            Some(load_or_train_teacher_dist(cfg, &data, &tok, device, comm)?)
         } else {
             None
         };
         let sae = match &teacher {
             Some(t) if needs_labels => {
-                stage(3, "SAE");
-                Some(load_or_train_sae(cfg, t, &data, device)?)
+                stage(3, "SAE", comm);
+                Some(rank0_first(comm, || {
+                    load_or_train_sae(cfg, t, &data, device)
+                })?)
             }
             _ => None,
         };
         let mut caches = Vec::new();
         if let (Some(t), Some((s, _))) = (&teacher, &sae) {
             if cfg.concept.labels == LabelSource::Cache {
-                stage(4, "label cache");
+                stage(4, "label cache", comm);
                 let mut modes: Vec<LabelMode> = arms
                     .iter()
                     .filter(|a| a.objective.needs_labels())
@@ -558,13 +610,14 @@ impl Shared {
                     let mut spec = cache_spec(cfg, t, s, &data)?;
                     spec.mode = mode;
                     let dir = LabelCache::path_for(&cfg.data.dir, &spec);
-                    let cache = LabelCache::build(
+                    let cache = LabelCache::build_dist(
                         t.model.as_ref(),
                         s,
                         &spec,
                         &data.train,
                         &dir,
                         (cfg.optim.batch_size / cfg.optim.grad_accum).max(1),
+                        comm,
                     )?;
                     caches.push((mode, cache));
                 }
@@ -576,6 +629,7 @@ impl Shared {
             teacher,
             sae,
             caches,
+            comm: comm.clone(),
         })
     }
 
@@ -622,20 +676,31 @@ pub fn train_student(
     seed: u64,
     device: &Device,
 ) -> Result<(TrainOutcome, PathBuf)> {
+    let comm = &shared.comm;
     let rcfg = cfg.for_run(arm, seed);
     let dir = run_dir(cfg, arm, seed);
     // A run folder (finished or interrupted) is reused only for the very same config.
-    check_same_config(&dir, &rcfg.to_toml())?;
-    if let Ok(text) = std::fs::read_to_string(dir.join("report.json")) {
-        if let Ok(o) = serde_json::from_str::<TrainOutcome>(&text) {
-            if !o.stopped_early && dir.join("final/model.safetensors").is_file() {
-                tracing::info!(
-                    "{arm} seed {seed}: reusing the finished run in {}",
-                    dir.display()
-                );
-                return Ok((o, dir));
-            }
+    comm.agree(check_same_config(&dir, &rcfg.to_toml()))?;
+    let finished = || -> Option<TrainOutcome> {
+        let text = std::fs::read_to_string(dir.join("report.json")).ok()?;
+        let o = serde_json::from_str::<TrainOutcome>(&text).ok()?;
+        (!o.stopped_early && dir.join("final/model.safetensors").is_file()).then_some(o)
+    };
+    if root_decides(comm, || finished().is_some())? {
+        let o = comm.agree(finished().ok_or_else(|| {
+            Error::file(
+                dir.join("report.json"),
+                "rank 0 reads a finished run here but this rank does not: \
+                 the output folder must be on a filesystem all ranks share",
+            )
+        }))?;
+        if comm.is_root() {
+            tracing::info!(
+                "{arm} seed {seed}: reusing the finished run in {}",
+                dir.display()
+            );
         }
+        return Ok((o, dir));
     }
     let objective = arm.objective;
     let mode = arm.label_mode(&cfg.concept);
@@ -661,7 +726,7 @@ pub fn train_student(
         n_latents,
     );
     // A run folder with checkpoints is an interrupted run of this job: continue it.
-    let resume = dir.join("checkpoints").is_dir();
+    let resume = root_decides(comm, || dir.join("checkpoints").is_dir())?;
     let mut spec = base_spec(
         &rcfg,
         objective,
@@ -677,33 +742,43 @@ pub fn train_student(
     // With label caches, every student samples their aligned windows: the same batches for
     // all (caches of one job cover the same windows).
     spec.aligned_windows = shared.caches.first().map(|c| c.1.n_windows());
-    let out = train(&spec)?;
-    write_run_report(&dir, &out)?;
-    tracing::info!(
-        "{arm} seed {seed}: val loss {:.4} (PPL {:.2}), {:.0} tokens/s",
-        out.val_loss,
-        out.val_ppl,
-        out.tokens_per_s
-    );
+    let out = train_dist(&spec, comm)?;
+    if comm.is_root() {
+        write_run_report(&dir, &out)?;
+        tracing::info!(
+            "{arm} seed {seed}: val loss {:.4} (PPL {:.2}), {:.0} tokens/s",
+            out.val_loss,
+            out.val_ppl,
+            out.tokens_per_s
+        );
+    }
     Ok((out, dir))
 }
 
 /// Runs the whole method as the config says (every objective of `run.objectives` for each
-/// of `run.seeds` seeds) and returns the folder holding the comparison (`compare.md`).
-pub fn run_main_job(cfg: &RunConfig, device: &Device) -> Result<PathBuf> {
+/// of `run.seeds` seeds) with the ranks of `comm`, and returns the folder holding the
+/// comparison (`compare.md`, written by rank 0).
+pub fn run_main_job(cfg: &RunConfig, device: &Device, comm: &Comm) -> Result<PathBuf> {
     let root = cfg.run.out_dir.join(&cfg.run.name);
-    std::fs::create_dir_all(&root).map_err(|e| Error::file(&root, e))?;
-    cocomix_data::write_atomic(&root.join("config.toml"), cfg.to_toml().as_bytes())?;
-    let shared = Shared::prepare(cfg, &cfg.run.objectives, device)?;
-    stage(5, "students");
+    if comm.is_root() {
+        std::fs::create_dir_all(&root).map_err(|e| Error::file(&root, e))?;
+        cocomix_data::write_atomic(&root.join("config.toml"), cfg.to_toml().as_bytes())?;
+    }
+    let shared = Shared::prepare(cfg, &cfg.run.objectives, device, comm)?;
+    stage(5, "students", comm);
     let mut runs = Vec::new();
     for seed in cfg.seeds() {
         for &arm in &cfg.run.objectives {
             let (out, dir) = train_student(cfg, &shared, arm, seed, device)?;
-            runs.push(crate::compare::RunRecord::read(arm, seed, out, &dir)?);
+            if comm.is_root() {
+                runs.push(crate::compare::RunRecord::read(arm, seed, out, &dir)?);
+            }
         }
     }
-    stage(6, "report");
+    stage(6, "report", comm);
+    if !comm.is_root() {
+        return Ok(root);
+    }
     let notes = format!(
         "Every student: {} steps × {} sequences × {} tokens from {}; the objectives of one seed \
          see the same batches. {}",

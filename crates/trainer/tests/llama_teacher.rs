@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use cocomix_data::{prepare, Dataset, PrepareOptions, Tokenizer};
 use cocomix_trainer::pipeline::{teacher_tokenizer, Shared};
-use cocomix_trainer::{read_metrics, Arm, Objective, RunConfig};
+use cocomix_trainer::{read_metrics, Arm, Comm, Objective, RunConfig};
 
 const DEV: Device = Device::Cpu;
 const DEFAULT: &str = include_str!("../../../configs/default.toml");
@@ -83,7 +83,7 @@ fn a_tiny_hf_llama_teacher_trains_ntp_kd_and_cocomix_students() {
         "teacher",
         r#"["ntp", "kd", "cocomix"]"#,
     );
-    let root = cocomix_trainer::pipeline::run_main_job(&cfg, &DEV).unwrap();
+    let root = cocomix_trainer::pipeline::run_main_job(&cfg, &DEV, &Comm::single()).unwrap();
     // The data was tokenized with the teacher's own tokenizer (its tokenizer.json).
     let tok = Tokenizer::from_dir(&teacher).unwrap().unwrap();
     let data = Dataset::open(dir.path().join("data")).unwrap();
@@ -120,7 +120,7 @@ fn a_gguf_teacher_distils_with_its_own_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
     let teacher = fixture("tiny-q8_0.gguf");
     let cfg = tiny_cfg(dir.path(), &teacher, "teacher", r#"["kd"]"#);
-    let root = cocomix_trainer::pipeline::run_main_job(&cfg, &DEV).unwrap();
+    let root = cocomix_trainer::pipeline::run_main_job(&cfg, &DEV, &Comm::single()).unwrap();
     let tok = Tokenizer::load(&teacher.display().to_string()).unwrap();
     assert_eq!(
         Dataset::open(dir.path().join("data"))
@@ -140,7 +140,7 @@ fn data_of_another_tokenizer_is_refused_before_any_work() {
     let arms = [Arm::new(Objective::Kd)];
     // Another tokenizer named in the config: refused before the corpus is tokenized.
     let cfg = tiny_cfg(dir.path(), &teacher, "gpt2", r#"["kd"]"#);
-    let e = Shared::prepare(&cfg, &arms, &DEV)
+    let e = Shared::prepare(&cfg, &arms, &DEV, &Comm::single())
         .err()
         .expect("refused")
         .to_string();
@@ -163,7 +163,7 @@ fn data_of_another_tokenizer_is_refused_before_any_work() {
     prepare(&opts, &gpt2).unwrap();
     let meta = std::fs::read(dir.path().join("data/meta.json")).unwrap();
     let cfg = tiny_cfg(dir.path(), &teacher, "teacher", r#"["kd"]"#);
-    let e = Shared::prepare(&cfg, &arms, &DEV)
+    let e = Shared::prepare(&cfg, &arms, &DEV, &Comm::single())
         .err()
         .expect("refused")
         .to_string();

@@ -450,7 +450,7 @@ fn bad_configs_are_errors_before_any_work() {
     assert!(e(&["optim.lrr=1"]).contains("lrr"));
     assert!(e(&["bogus.key=1"]).contains("bogus"));
     assert!(e(&["concept.insert_layer=4"]).contains("insert_layer"));
-    assert!(e(&["concept.concept_num=2000"]).contains("K_c"));
+    assert!(e(&["concept.concept_num=5000"]).contains("K_c"));
     assert!(e(&["optim.batch_size=10", "optim.grad_accum=4"]).contains("grad_accum"));
     assert!(e(&["optim.lr=-1"]).contains("lr"));
     assert!(e(&["concept.labels=\"sometimes\""]).contains("labels"));
