@@ -46,6 +46,7 @@ fn tiny_cfg(dir: &Path, teacher: &Path, tokenizer: &str, objectives: &str) -> Ru
         "concept.k_attr=2",
         "concept.concept_num=4",
         "concept.cache_windows=24",
+        "sae.source=\"train\"",
         "sae.n_latents=24",
         "sae.k=4",
         "sae.steps=3",

@@ -454,7 +454,7 @@ fn bad_configs_are_errors_before_any_work() {
     assert!(e(&["optim.batch_size=10", "optim.grad_accum=4"]).contains("grad_accum"));
     assert!(e(&["optim.lr=-1"]).contains("lr"));
     assert!(e(&["concept.labels=\"sometimes\""]).contains("labels"));
-    assert!(e(&["teacher.layer=9"]).contains("teacher.layer"));
+    assert!(e(&["teacher.source=\"train\"", "teacher.layer=9"]).contains("teacher.layer"));
     assert!(e(&["optim.lr"]).contains("section.key=value"));
     assert!(e(&["optim.precision=\"fp8\""]).contains("precision"));
     // Overrides of every type parse.
