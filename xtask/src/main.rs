@@ -24,7 +24,7 @@ fn usage() -> ! {
          train   the main job: cocomix train [--config FILE] [--set k=v]\n\
          compare cocomix compare --config FILE [--seeds N] [--objectives a,b] [--lambdas x,y]\n\
          eval    cocomix eval runs RUN_DIR... (default: runs/default)\n\
-         bench   cocomix bench WHAT [--json]  (WHAT: data, model, sae, attribution, train, eval, dist)\n\
+         bench   cocomix bench WHAT [--json]  (WHAT: data, model, sae, attribution, train, eval, smollm2, dist)\n\
          run     run any cocomix subcommand with the release binary"
     );
     exit(2)

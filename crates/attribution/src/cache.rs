@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use cocomix_data::TokenShard;
 use cocomix_dist::Comm;
-use cocomix_model::Gpt2;
+use cocomix_model::CausalLm;
 use cocomix_sae::Sae;
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
@@ -316,7 +316,7 @@ impl LabelCache {
     /// over the aligned windows of `shard`, `batch` windows at a time. Returns the finished
     /// cache; an existing finished cache with the same spec is reused.
     pub fn build(
-        teacher: &Gpt2,
+        teacher: &dyn CausalLm,
         sae: &Sae,
         spec: &LabelCacheSpec,
         shard: &TokenShard,
@@ -330,7 +330,7 @@ impl LabelCache {
     /// the windows still to do (`dir` must be on a filesystem every rank shares). Every
     /// rank returns the finished cache.
     pub fn build_dist(
-        teacher: &Gpt2,
+        teacher: &dyn CausalLm,
         sae: &Sae,
         spec: &LabelCacheSpec,
         shard: &TokenShard,
@@ -353,7 +353,7 @@ impl LabelCache {
             return Ok(cache);
         }
         sae.check_input_width(
-            teacher.cfg.n_embd,
+            teacher.d_model(),
             &format!("teacher {} at layer {}", spec.teacher, spec.layer),
         )?;
         if sae.n_latents() != spec.n_latents {
@@ -500,7 +500,7 @@ impl LabelCache {
     /// the number of windows labelled.
     #[allow(clippy::too_many_arguments)]
     fn label_windows(
-        teacher: &Gpt2,
+        teacher: &dyn CausalLm,
         sae: &Sae,
         spec: &LabelCacheSpec,
         shard: &TokenShard,

@@ -25,6 +25,7 @@ mod eval;
 mod model;
 pub mod parity;
 mod sae;
+mod smollm2;
 mod train;
 
 use std::path::PathBuf;
@@ -92,6 +93,9 @@ pub enum Bench {
     Train,
     /// HellaSwag-shaped requests/s.
     Eval,
+    /// SmolLM2-135M as a teacher (skipped when its GGUF is absent): forward and residual
+    /// gradient tokens/s, label-cache build.
+    Smollm2,
     /// Data parallelism over MPI: gradient all-reduce bytes and time per step at the 69M
     /// shapes, NTP throughput on 1 vs 2 ranks. Each case runs as [`dist_ranks`] MPI ranks.
     Dist,
@@ -107,6 +111,7 @@ impl Bench {
             Bench::Attribution => "attribution",
             Bench::Train => "train",
             Bench::Eval => "eval",
+            Bench::Smollm2 => "smollm2",
             Bench::Dist => "dist",
         }
     }
@@ -139,6 +144,15 @@ impl Bench {
                 ],
             ),
             Bench::Eval => (&["eval-hellaswag-124m"], &[]),
+            Bench::Smollm2 => (
+                &[
+                    "smollm2-forward-128",
+                    "smollm2-forward-1024",
+                    "smollm2-residual-grad",
+                    "smollm2-labels",
+                ],
+                &[],
+            ),
             Bench::Dist => (
                 &["train-default-ntp-1rank", "train-default-ntp-2rank"],
                 &["allreduce-69m"],
@@ -211,6 +225,7 @@ pub fn run_case(case: &str, opts: &BenchOptions) -> Result<serde_json::Value> {
         "labels-cached-vs-online-124m" => attribution::labels_cached_vs_online()?,
         c if c.starts_with("train-") => train::train_case(c, opts.batch, opts.precision)?,
         "eval-hellaswag-124m" => eval::hellaswag()?,
+        c if c.starts_with("smollm2-") => smollm2::case(c)?,
         other => return Err(Error::Other(format!("unknown bench case {other}"))),
     };
     v["peak_rss_mib"] = peak_rss_mib().into();

@@ -22,6 +22,10 @@ pub enum BenchArg {
     Train,
     /// HellaSwag requests/s (4 alternatives per document) with a GPT-2 124M-shaped model.
     Eval,
+    /// SmolLM2-135M as a teacher (the GGUF of scripts/fetch-smollm2.sh; skipped when
+    /// absent): forward tokens/s at T = 128 and 1024, residual gradient at its middle layer,
+    /// label-cache build.
+    Smollm2,
     /// Data parallelism over MPI (build with --features mpi): gradient all-reduce bytes and
     /// time per step at the 69M shapes on 2 ranks, NTP throughput on 1 vs 2 ranks.
     Dist,
@@ -36,6 +40,7 @@ impl From<BenchArg> for Bench {
             BenchArg::Attribution => Bench::Attribution,
             BenchArg::Train => Bench::Train,
             BenchArg::Eval => Bench::Eval,
+            BenchArg::Smollm2 => Bench::Smollm2,
             BenchArg::Dist => Bench::Dist,
         }
     }

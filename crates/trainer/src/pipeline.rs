@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use cocomix_attribution::{LabelCache, LabelCacheSpec, LabelChoice, LabelMode};
 use cocomix_data::{Dataset, PrepareOptions, Tokenizer};
 use cocomix_dist::Comm;
-use cocomix_model::{ConceptConfig, Gpt2, Gpt2Config, PauseConfig, StudentConfig};
+use cocomix_model::{AnyModel, CausalLm, ConceptConfig, Gpt2Config, PauseConfig, StudentConfig};
 use cocomix_sae::{Sae, SaeTrainConfig, SaeTrainer};
 
 use crate::report::write_run_report;
@@ -59,10 +59,53 @@ fn check_same_config(run_dir: &Path, config_text: &str) -> Result<()> {
     }
 }
 
-/// Stage 1: the prepared data folder (and its tokenizer).
-pub fn prepare_data(cfg: &RunConfig) -> Result<(Dataset, Tokenizer)> {
+/// The tokenizer a loaded teacher reads: its GGUF's own, its folder's or its hub repo's (the
+/// bundled GPT-2 one for a GPT-2 folder without one).
+pub fn teacher_tokenizer(source: &str) -> Result<Tokenizer> {
+    let dir = Path::new(source);
+    let own = if dir.is_dir() {
+        Tokenizer::from_dir(dir)?
+    } else {
+        None
+    };
+    Ok(match own {
+        Some(t) => t,
+        None if dir.is_dir() && source.contains("gpt2") => Tokenizer::gpt2()?,
+        None => Tokenizer::load(source)?,
+    })
+}
+
+/// Errors unless the teacher reads the data's tokens.
+fn check_teacher_tokenizer(cfg: &RunConfig, teacher: &Tokenizer, data: &Tokenizer) -> Result<()> {
+    if teacher.identity() == data.identity() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "the teacher {} uses another tokenizer ({} tokens) than the data in {} ({} tokens): \
+         set data.tokenizer = \"teacher\" (and a data.dir of its own)",
+        cfg.teacher.source,
+        teacher.vocab_size(),
+        cfg.data.dir.display(),
+        data.vocab_size()
+    )))
+}
+
+/// Stage 1: the prepared data folder (and its tokenizer). `teacher_tok` is the tokenizer of
+/// a loaded teacher, when the job uses one: `data.tokenizer = "teacher"` takes it, and any
+/// other tokenizer must equal it. A data folder prepared with another tokenizer is refused
+/// (naming its `meta.json`) before any tokenization.
+pub fn prepare_data(
+    cfg: &RunConfig,
+    teacher_tok: Option<&Tokenizer>,
+) -> Result<(Dataset, Tokenizer)> {
     let d = &cfg.data;
-    let tok = if d.tokenizer == "train" {
+    let tok = if d.tokenizer == "teacher" {
+        teacher_tok.cloned().ok_or_else(|| {
+            Error::Config(
+                "data.tokenizer = \"teacher\" needs a teacher loaded from teacher.source".into(),
+            )
+        })?
+    } else if d.tokenizer == "train" {
         // Reuse the tokenizer of an earlier preparation of the same sources.
         let reusable = Dataset::open(&d.dir).ok().and_then(|ds| {
             let same = cocomix_data::source_hashes(&d.inputs).ok()?
@@ -87,6 +130,12 @@ pub fn prepare_data(cfg: &RunConfig) -> Result<(Dataset, Tokenizer)> {
     } else {
         Tokenizer::load(&d.tokenizer)?
     };
+    if let Some(t) = teacher_tok {
+        check_teacher_tokenizer(cfg, t, &tok)?;
+    }
+    if let Ok(ds) = Dataset::open(&d.dir) {
+        ds.check_tokenizer(&tok)?;
+    }
     let opts = PrepareOptions {
         val_fraction: d.val_fraction,
         seed: d.split_seed,
@@ -139,9 +188,10 @@ pub fn student_config(
     s
 }
 
-/// The frozen teacher, its weights file (for hashing) and a name for metadata.
+/// The frozen teacher (GPT-2 or Llama-family), its weights file (for hashing) and a name for
+/// metadata.
 pub struct Teacher {
-    pub model: Gpt2,
+    pub model: Box<dyn CausalLm>,
     pub weights: PathBuf,
     pub name: String,
 }
@@ -240,39 +290,40 @@ pub fn load_or_train_teacher_dist(
         PathBuf::from(cfg.teacher.source.to_string())
     };
     let spec = dir.to_string_lossy().to_string();
-    let model = Gpt2::load(&spec, device)?;
-    if cfg.teacher.layer >= model.cfg.n_layer {
+    // The teacher must read the data's tokens.
+    check_teacher_tokenizer(cfg, &teacher_tokenizer(&spec)?, tok)?;
+    let (model, weights) = load_teacher(&spec, device)?;
+    if cfg.teacher.layer >= model.n_layer() {
         return Err(Error::Config(format!(
             "teacher.layer {} is out of range: the teacher has {} blocks",
-            cfg.teacher.layer, model.cfg.n_layer
+            cfg.teacher.layer,
+            model.n_layer()
         )));
     }
-    // The teacher must read the data's tokens.
-    let teacher_tok = if dir.is_dir() {
-        Tokenizer::from_dir(&dir)?
-    } else {
-        None
-    };
-    let teacher_tok = match teacher_tok {
-        Some(t) => t,
-        None if cfg.teacher.source.to_string().contains("gpt2") => Tokenizer::gpt2()?,
-        None => Tokenizer::load(&cfg.teacher.source.to_string())?,
-    };
-    if teacher_tok.identity() != tok.identity() {
+    if tok.vocab_size() > model.vocab_size() || cfg.model.context > model.context() {
         return Err(Error::Config(format!(
-            "the teacher {} uses another tokenizer ({} tokens) than the data in {} ({} tokens)",
+            "the teacher {} ({} ids, context {}) cannot read the data's {} ids in windows of \
+             model.context = {}",
             cfg.teacher.source,
-            teacher_tok.vocab_size(),
-            cfg.data.dir.display(),
-            tok.vocab_size()
+            model.vocab_size(),
+            model.context(),
+            tok.vocab_size(),
+            cfg.model.context
         )));
     }
-    let (_, weights) = cocomix_model::gpt2::resolve_model_files(&spec)?;
     Ok(Teacher {
         model,
         weights,
         name: cfg.teacher.source.to_string(),
     })
+}
+
+/// A frozen teacher from a folder, hub id or `.gguf` file (GPT-2 or Llama-family; a CoCoMix
+/// student is refused) and the file that identifies its weights.
+pub fn load_teacher(spec: &str, device: &Device) -> Result<(Box<dyn CausalLm>, PathBuf)> {
+    let model = AnyModel::load(spec, device)?;
+    let weights = model.weights_file(spec)?;
+    Ok((model.into_teacher()?, weights))
 }
 
 /// What [`train_sae`] trains: the SAE's own settings and where its activations come from.
@@ -292,7 +343,7 @@ pub struct SaeJob {
 /// `job.batch_tokens` activations from the training shard; saves it to `out` with its
 /// metrics (`out` with the extension `.jsonl`) and `extra_meta`.
 pub fn train_sae(
-    teacher: &Gpt2,
+    teacher: &dyn CausalLm,
     data: &Dataset,
     job: SaeJob,
     out: &Path,
@@ -306,7 +357,7 @@ pub fn train_sae(
         context,
     } = job;
     let rows = (batch_tokens / context).max(1);
-    let d = teacher.cfg.n_embd;
+    let d = teacher.d_model();
     let seed = tcfg.seed ^ 0x5AE;
     let acts = |i: u64| -> Result<Tensor> {
         let ids = data.train_batch(rows, context, seed, i)?;
@@ -369,7 +420,10 @@ pub fn load_or_train_sae(
         let teacher_sha = cocomix_data::file_sha256(&teacher.weights)?;
         let path = cfg.run.out_dir.join(&cfg.run.name).join(format!(
             "sae/L{}-{}x{}-k{}.safetensors",
-            cfg.teacher.layer, teacher.model.cfg.n_embd, cfg.sae.n_latents, cfg.sae.k
+            cfg.teacher.layer,
+            teacher.model.d_model(),
+            cfg.sae.n_latents,
+            cfg.sae.k
         ));
         let reusable = Sae::load_file(&path, device).ok().filter(|_| {
             safetensors_meta(&path).is_some_and(|m| {
@@ -390,7 +444,7 @@ pub fn load_or_train_sae(
                     cfg.teacher.layer
                 );
                 let mut tcfg =
-                    SaeTrainConfig::new(teacher.model.cfg.n_embd, cfg.sae.n_latents, cfg.sae.k);
+                    SaeTrainConfig::new(teacher.model.d_model(), cfg.sae.n_latents, cfg.sae.k);
                 tcfg.lr = cfg.sae.lr;
                 tcfg.seed = cfg.run.seed;
                 tcfg.dead_after_tokens = tcfg
@@ -407,7 +461,7 @@ pub fn load_or_train_sae(
                     batch_tokens: cfg.sae.batch_tokens,
                     context: cfg.model.context,
                 };
-                let s = train_sae(&teacher.model, data, job, &path, &meta)?;
+                let s = train_sae(teacher.model.as_ref(), data, job, &path, &meta)?;
                 (s, path)
             }
         }
@@ -416,7 +470,7 @@ pub fn load_or_train_sae(
         (Sae::load(&spec, device)?, PathBuf::from(spec))
     };
     sae.check_input_width(
-        teacher.model.cfg.n_embd,
+        teacher.model.d_model(),
         &format!("teacher {} at layer {}", teacher.name, cfg.teacher.layer),
     )?;
     if sae.n_latents() != cfg.sae.n_latents {
@@ -470,7 +524,7 @@ fn base_spec<'a>(
     data: &'a Dataset,
     run_dir: PathBuf,
     device: &Device,
-    teacher: Option<&'a Gpt2>,
+    teacher: Option<&'a dyn CausalLm>,
     labels: Option<Labels<'a>>,
     resume: bool,
 ) -> TrainSpec<'a> {
@@ -515,10 +569,17 @@ impl Shared {
     /// Prepares the data, then the teacher, SAE and label cache if any of `arms` needs them,
     /// with the ranks of `comm`.
     pub fn prepare(cfg: &RunConfig, arms: &[Arm], device: &Device, comm: &Comm) -> Result<Self> {
-        stage(1, "data", comm);
-        let (data, tok) = rank0_first(comm, || prepare_data(cfg))?;
         let needs_teacher = arms.iter().any(|a| a.objective.needs_teacher());
         let needs_labels = arms.iter().any(|a| a.objective.needs_labels());
+        // A loaded teacher's tokenizer is known before any work: the data must use it.
+        let teacher_tok = match &cfg.teacher.source {
+            Source::Load(s) if needs_teacher || cfg.data.tokenizer == "teacher" => {
+                Some(teacher_tokenizer(s)?)
+            }
+            _ => None,
+        };
+        stage(1, "data", comm);
+        let (data, tok) = rank0_first(comm, || prepare_data(cfg, teacher_tok.as_ref()))?;
         let teacher = if needs_teacher {
             stage(2, "teacher", comm);
             Some(load_or_train_teacher_dist(cfg, &data, &tok, device, comm)?)
@@ -550,7 +611,7 @@ impl Shared {
                     spec.mode = mode;
                     let dir = LabelCache::path_for(&cfg.data.dir, &spec);
                     let cache = LabelCache::build_dist(
-                        &t.model,
+                        t.model.as_ref(),
                         s,
                         &spec,
                         &data.train,
@@ -570,6 +631,14 @@ impl Shared {
             caches,
             comm: comm.clone(),
         })
+    }
+
+    /// The students' vocabulary: the teacher's (its logits are the KD targets; a Llama's may
+    /// be padded beyond its tokenizer), else the tokenizer's.
+    pub fn vocab_size(&self) -> usize {
+        self.teacher
+            .as_ref()
+            .map_or(self.tok.vocab_size(), |t| t.model.vocab_size())
     }
 
     /// A sentence naming the teacher and SAE, for reports.
@@ -652,7 +721,7 @@ pub fn train_student(
     let student = student_config(
         cfg,
         objective,
-        shared.tok.vocab_size(),
+        shared.vocab_size(),
         shared.tok.eot_id(),
         n_latents,
     );
@@ -666,7 +735,7 @@ pub fn train_student(
         &shared.data,
         dir.clone(),
         device,
-        shared.teacher.as_ref().map(|t| &t.model),
+        shared.teacher.as_ref().map(|t| t.model.as_ref()),
         labels,
         resume,
     );

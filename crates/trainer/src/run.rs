@@ -30,7 +30,7 @@ use cocomix_attribution::{attribute, labels, LabelCache, LabelMode};
 use cocomix_data::Dataset;
 use cocomix_dist::{Comm, ReduceOp};
 use cocomix_model::ops::{concept_loss, cross_entropy, kd_kl};
-use cocomix_model::{Dropout, Gpt2, Student, StudentConfig};
+use cocomix_model::{CausalLm, Dropout, Student, StudentConfig};
 use cocomix_sae::Sae;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -59,7 +59,7 @@ pub struct TrainSpec<'a> {
     pub run_dir: PathBuf,
     pub seed: u64,
     /// Frozen teacher (KD, and CoCoMix with online labels).
-    pub teacher: Option<&'a Gpt2>,
+    pub teacher: Option<&'a dyn CausalLm>,
     pub labels: Option<Labels<'a>>,
     /// Sample aligned windows `w·T` with `w < n` (the label cache's windows) for every
     /// objective, so students compared with a cached CoCoMix run see the same batches.
@@ -351,7 +351,7 @@ fn losses(spec: &TrainSpec, student: &Student, b: &Batch, dropout: &mut Dropout)
         let teacher = spec
             .teacher
             .ok_or_else(|| Error::Other("KD needs a teacher".into()))?;
-        let tl = teacher.forward(&b.x)?;
+        let tl = teacher.logits(&b.x)?;
         let (a, tau) = (spec.kd.alpha, spec.kd.tau);
         let kl = kd_kl(&out.logits, &tl, tau)?;
         return Ok(Losses {
@@ -719,7 +719,19 @@ fn check_ranks_agree(spec: &TrainSpec, st: &RunState, comm: &Comm) -> Result<()>
     }));
     comm.check_same("data", &digest(&[&data]))?;
     let teacher = match spec.teacher {
-        Some(t) => digest(&[&json(serde_json::json!(t.cfg)), &tensor_bytes(&t.wte)?]),
+        Some(t) => {
+            // A GPT-2 or Llama teacher exposes no weights: its shape and its logits on a fixed
+            // probe of (at most) 8 ids stand for them.
+            let probe = (0..t.vocab_size().min(8) as u32).collect::<Vec<_>>();
+            let probe = Tensor::new(probe.as_slice(), t.device())?.unsqueeze(0)?;
+            let shape = serde_json::json!({
+                "d_model": t.d_model(),
+                "n_layer": t.n_layer(),
+                "vocab_size": t.vocab_size(),
+                "context": t.context(),
+            });
+            digest(&[&json(shape), &tensor_bytes(&t.logits(&probe)?)?])
+        }
         None => "none".into(),
     };
     comm.check_same("teacher", &teacher)?;

@@ -262,7 +262,7 @@ fn spec<'a>(
     vocab: usize,
     run: &Path,
     objective: Objective,
-    teacher: Option<&'a Gpt2>,
+    teacher: Option<&'a dyn cocomix_model::CausalLm>,
     labels: Option<Labels<'a>>,
 ) -> TrainSpec<'a> {
     let c = cfg(&[
@@ -470,7 +470,15 @@ fn bad_configs_are_errors_before_any_work() {
         (3e-4, "x", cocomix_trainer::LabelSource::Online)
     );
     // Shipped configs parse.
-    for f in ["default", "cpu-long", "gpt2-69m", "gpt2-386m", "gpt2-1.38b"] {
+    for f in [
+        "default",
+        "cpu-long",
+        "cpu-teacher",
+        "cpu-smollm2",
+        "gpt2-69m",
+        "gpt2-386m",
+        "gpt2-1.38b",
+    ] {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../configs/{f}.toml"));
         RunConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{f}: {e}"));
     }
@@ -519,6 +527,7 @@ fn mismatched_artifacts_are_refused() {
     let c = cfg(&[
         &format!("teacher.source=\"{}\"", t2.display()),
         "teacher.layer=1",
+        "model.context=16",
         &format!("sae.source=\"{}\"", sae_file.display()),
     ])
     .unwrap();
