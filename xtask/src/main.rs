@@ -5,6 +5,7 @@
 //! cargo xtask compare [ARGS...]                          objectives over seeds: cocomix compare ARGS
 //! cargo xtask eval RUN_DIR...                            comparison table of finished runs
 //! cargo xtask bench WHAT [--json]                        benchmarks: cocomix bench WHAT
+//!                                                        (`dist` builds with --features mpi)
 //! cargo xtask bench train --vs-pytorch [--small]         the train cases against PyTorch eager
 //! cargo xtask run [ARGS...]                              any cocomix subcommand
 //! ```
@@ -22,11 +23,11 @@ fn root() -> PathBuf {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo xtask <train|compare|eval|bench|run> [--features cuda|metal] [ARGS...]\n\n\
+        "usage: cargo xtask <train|compare|eval|bench|run> [--features cuda|metal|mpi] [ARGS...]\n\n\
          train   the main job: cocomix train [--config FILE] [--set k=v]\n\
          compare cocomix compare --config FILE [--seeds N] [--objectives a,b] [--lambdas x,y]\n\
          eval    cocomix eval runs RUN_DIR... (default: runs/default)\n\
-         bench   cocomix bench WHAT [--json]  (WHAT: data, model, sae, attribution, train, eval)\n\
+         bench   cocomix bench WHAT [--json]  (WHAT: data, model, sae, attribution, train, eval, smollm2, dist)\n\
          \x20       bench train --vs-pytorch [--small] [--python PY] [--threads N]: each train\n\
          \x20       case, then the same step in PyTorch eager (scripts/bench-pytorch.py)\n\
          run     run any cocomix subcommand with the release binary"
@@ -72,8 +73,8 @@ fn main() {
         let f = args.remove(i + 1);
         args.remove(i);
         for f in f.split(',') {
-            if f != "cuda" && f != "metal" {
-                eprintln!("xtask: unknown feature {f:?} (cuda or metal)");
+            if !["cuda", "metal", "mpi"].contains(&f) {
+                eprintln!("xtask: unknown feature {f:?} (cuda, metal or mpi)");
                 exit(2);
             }
             features.push(f.to_string());
@@ -93,7 +94,13 @@ fn main() {
                 .chain(runs)
                 .collect()
         }
-        "bench" => std::iter::once("bench".to_string()).chain(args).collect(),
+        "bench" => {
+            // The data-parallel bench runs MPI ranks of the binary.
+            if args.first().is_some_and(|a| a == "dist") && !features.iter().any(|f| f == "mpi") {
+                features.push("mpi".to_string());
+            }
+            std::iter::once("bench".to_string()).chain(args).collect()
+        }
         "run" => args,
         _ => usage(),
     };

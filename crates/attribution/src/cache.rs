@@ -4,12 +4,19 @@
 //! Window `w` holds tokens `[w·T, w·T + T + 1)` of `train.bin`: the teacher reads the first
 //! T (the tokens the student reads), and the labels `[T, K_attr]` are stored at offset
 //! `w·T·K_attr` of `labels.bin` (u16 when C ≤ 65536, else u32, little-endian).
+//!
+//! Under data parallelism ([`LabelCache::build_dist`]) the windows still to label are split
+//! into one contiguous share per rank; each rank writes its labels at their offsets of the
+//! one shared `labels.bin.partial` and records its finished windows in its own
+//! `progress-rank<r>.json`; rank 0 merges them into `progress.json` when a build starts or
+//! continues (with any world size) and finishes the cache.
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use cocomix_data::TokenShard;
-use cocomix_model::Gpt2;
+use cocomix_dist::Comm;
+use cocomix_model::CausalLm;
 use cocomix_sae::Sae;
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
@@ -129,10 +136,58 @@ pub struct CacheMeta {
     pub label_bytes: usize,
 }
 
+/// Windows labelled so far: `0..done` and the half-open `intervals`.
 #[derive(Serialize, Deserialize)]
 struct Progress {
     spec: LabelCacheSpec,
+    #[serde(default)]
     done: usize,
+    #[serde(default)]
+    intervals: Vec<(usize, usize)>,
+}
+
+/// Sorted, disjoint, non-adjacent intervals covering the union of `iv`.
+fn merge(mut iv: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
+    iv.retain(|&(a, b)| a < b);
+    iv.sort();
+    let mut out: Vec<(usize, usize)> = Vec::with_capacity(iv.len());
+    for (a, b) in iv {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// The windows of `0..n` outside the merged `done` intervals, as intervals in order.
+fn missing(done: &[(usize, usize)], n: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for &(a, b) in done {
+        if a > at {
+            out.push((at, a.min(n)));
+        }
+        at = at.max(b);
+    }
+    if at < n {
+        out.push((at, n));
+    }
+    out.retain(|&(a, b)| a < b);
+    out
+}
+
+/// Items `range` (counted over the concatenation of `iv`) as intervals.
+fn take(iv: &[(usize, usize)], range: std::ops::Range<usize>) -> Vec<(usize, usize)> {
+    let (mut out, mut pos) = (Vec::new(), 0);
+    for &(a, b) in iv {
+        let (lo, hi) = (range.start.max(pos), range.end.min(pos + b - a));
+        if lo < hi {
+            out.push((a + lo - pos, a + hi - pos));
+        }
+        pos += b - a;
+    }
+    out
 }
 
 /// A finished, memory-mapped label cache.
@@ -261,24 +316,44 @@ impl LabelCache {
     /// over the aligned windows of `shard`, `batch` windows at a time. Returns the finished
     /// cache; an existing finished cache with the same spec is reused.
     pub fn build(
-        teacher: &Gpt2,
+        teacher: &dyn CausalLm,
         sae: &Sae,
         spec: &LabelCacheSpec,
         shard: &TokenShard,
         dir: &Path,
         batch: usize,
     ) -> Result<Self> {
-        if dir.join("meta.json").is_file() {
-            let cache = Self::open(dir, spec)?;
-            tracing::info!(
-                "{}: reusing the label cache ({} windows)",
-                dir.display(),
-                cache.n_windows()
-            );
+        Self::build_dist(teacher, sae, spec, shard, dir, batch, &Comm::single())
+    }
+
+    /// [`LabelCache::build`] by all ranks of `comm` together, each labelling its share of
+    /// the windows still to do (`dir` must be on a filesystem every rank shares). Every
+    /// rank returns the finished cache.
+    pub fn build_dist(
+        teacher: &dyn CausalLm,
+        sae: &Sae,
+        spec: &LabelCacheSpec,
+        shard: &TokenShard,
+        dir: &Path,
+        batch: usize,
+        comm: &Comm,
+    ) -> Result<Self> {
+        // Rank 0 decides whether the cache is finished, so all ranks take the same path.
+        let mut finished = [(comm.is_root() && dir.join("meta.json").is_file()) as u8];
+        comm.broadcast(&mut finished, 0)?;
+        if finished[0] == 1 {
+            let cache = comm.agree(Self::open(dir, spec))?;
+            if comm.is_root() {
+                tracing::info!(
+                    "{}: reusing the label cache ({} windows)",
+                    dir.display(),
+                    cache.n_windows()
+                );
+            }
             return Ok(cache);
         }
         sae.check_input_width(
-            teacher.cfg.n_embd,
+            teacher.d_model(),
             &format!("teacher {} at layer {}", spec.teacher, spec.layer),
         )?;
         if sae.n_latents() != spec.n_latents {
@@ -300,81 +375,234 @@ impl LabelCache {
                 format!("fewer than {} tokens: no window to label", spec.window + 1),
             ));
         }
-        std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
         let label_bytes = if spec.n_latents <= 1 << 16 { 2 } else { 4 };
         let per_window = spec.window * spec.k_attr * label_bytes;
         let partial = dir.join("labels.bin.partial");
-        let progress_path = dir.join("progress.json");
-        let mut done = match std::fs::read_to_string(&progress_path)
-            .ok()
-            .and_then(|t| serde_json::from_str::<Progress>(&t).ok())
-        {
-            Some(p) if p.spec == *spec && partial.is_file() => p.done,
-            _ => 0,
+        // Rank 0 sizes the partial file and merges every earlier process's progress; the
+        // other ranks learn the windows done from it.
+        let done = if comm.is_root() {
+            Self::start_build(spec, dir, &partial, (n_windows * per_window) as u64)
+        } else {
+            Ok(Vec::new())
         };
-        let resumed_from = (done > 0).then_some(done);
-        if done > 0 {
+        let done = comm.agree(done)?;
+        let done_json = serde_json::to_vec(&done).map_err(|e| Error::Other(e.to_string()))?;
+        let done: Vec<(usize, usize)> =
+            serde_json::from_slice(&comm.broadcast_bytes(&done_json, 0)?)
+                .map_err(|e| Error::Other(e.to_string()))?;
+        let n_done: usize = done.iter().map(|(a, b)| b - a).sum();
+        let resumed_from = (n_done > 0).then_some(n_done);
+        if n_done > 0 && comm.is_root() {
             tracing::info!(
-                "{}: resuming the label cache at window {done}/{n_windows}",
+                "{}: resuming the label cache with {n_done}/{n_windows} windows done",
                 dir.display()
             );
         }
-        let mut file = std::fs::OpenOptions::new()
+        let todo = missing(&done, n_windows);
+        let n_todo: usize = todo.iter().map(|(a, b)| b - a).sum();
+        let mine = take(&todo, comm.share(n_todo));
+        let labelled = comm.agree(Self::label_windows(
+            teacher,
+            sae,
+            spec,
+            shard,
+            dir,
+            &partial,
+            &mine,
+            batch,
+            (comm.rank(), comm.world()),
+        ))?;
+        debug_assert_eq!(labelled, mine.iter().map(|(a, b)| b - a).sum::<usize>());
+        // Ranks finish their shares at different times; the last one releases the others.
+        comm.wait_for_all()?;
+        if comm.is_root() {
+            let finish = || -> Result<()> {
+                let bin = dir.join("labels.bin");
+                std::fs::rename(&partial, &bin).map_err(|e| file_err(&bin, e))?;
+                write_json_atomic(
+                    &dir.join("meta.json"),
+                    &CacheMeta {
+                        format_version: FORMAT_VERSION,
+                        spec: spec.clone(),
+                        n_windows,
+                        label_bytes,
+                    },
+                )?;
+                for f in progress_files(dir) {
+                    std::fs::remove_file(f).ok();
+                }
+                Ok(())
+            };
+            comm.agree(finish())?;
+        } else {
+            comm.agree(Ok::<(), Error>(()))?;
+        }
+        let cache = comm.agree(Self::open(dir, spec))?;
+        Ok(Self {
+            resumed_from,
+            ..cache
+        })
+    }
+
+    /// Rank 0's start of a build: creates `dir` and the partial file of `len` bytes, merges
+    /// the progress of earlier processes (of any world size) into `progress.json`, and
+    /// returns the windows done.
+    fn start_build(
+        spec: &LabelCacheSpec,
+        dir: &Path,
+        partial: &Path,
+        len: u64,
+    ) -> Result<Vec<(usize, usize)>> {
+        std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+        let mut done = Vec::new();
+        if partial.is_file() {
+            for f in progress_files(dir) {
+                if let Some(p) = std::fs::read_to_string(&f)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<Progress>(&t).ok())
+                    .filter(|p| p.spec == *spec)
+                {
+                    done.push((0, p.done));
+                    done.extend(p.intervals);
+                }
+            }
+        }
+        let done = merge(done);
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false)
-            .open(&partial)
-            .map_err(|e| file_err(&partial, e))?;
-        file.set_len((n_windows * per_window) as u64)
-            .map_err(|e| file_err(&partial, e))?;
-        let bar = cocomix_data::progress_bar(n_windows as u64, "labels").with_position(done as u64);
-        let dev = teacher.device().clone();
-        while done < n_windows {
-            let nb = batch.max(1).min(n_windows - done);
-            let mut ids = Vec::with_capacity(nb * spec.window);
-            for w in done..done + nb {
-                shard.read_into(w * spec.window, spec.window, &mut ids);
-            }
-            let ids = Tensor::from_vec(ids, (nb, spec.window), &dev)?;
-            let att = attribute(teacher, sae, &ids, spec.layer)?;
-            let (lab, _) = labels(&att, spec.n_latents, spec.k_attr, spec.mode)?;
-            let lab: Vec<u32> = lab.flatten_all()?.to_vec1()?;
-            let bytes: Vec<u8> = if label_bytes == 2 {
-                lab.iter().flat_map(|&l| (l as u16).to_le_bytes()).collect()
-            } else {
-                lab.iter().flat_map(|&l| l.to_le_bytes()).collect()
-            };
-            file.seek(SeekFrom::Start((done * per_window) as u64))
-                .map_err(|e| file_err(&partial, e))?;
-            file.write_all(&bytes).map_err(|e| file_err(&partial, e))?;
-            file.sync_data().map_err(|e| file_err(&partial, e))?;
-            done += nb;
-            write_json_atomic(
-                &progress_path,
-                &Progress {
-                    spec: spec.clone(),
-                    done,
-                },
-            )?;
-            bar.set_position(done as u64);
-        }
-        bar.finish_and_clear();
-        drop(file);
-        let bin = dir.join("labels.bin");
-        std::fs::rename(&partial, &bin).map_err(|e| file_err(&bin, e))?;
+            .open(partial)
+            .map_err(|e| file_err(partial, e))?;
+        file.set_len(len).map_err(|e| file_err(partial, e))?;
+        let prefix = match done.first() {
+            Some(&(0, b)) => b,
+            _ => 0,
+        };
         write_json_atomic(
-            &dir.join("meta.json"),
-            &CacheMeta {
-                format_version: FORMAT_VERSION,
+            &dir.join("progress.json"),
+            &Progress {
                 spec: spec.clone(),
-                n_windows,
-                label_bytes,
+                done: prefix,
+                intervals: done.iter().copied().filter(|&(a, _)| a > 0).collect(),
             },
         )?;
-        std::fs::remove_file(&progress_path).ok();
-        Ok(Self {
-            resumed_from,
-            ..Self::open(dir, spec)?
+        for f in progress_files(dir) {
+            if f.file_name().is_some_and(|n| n != "progress.json") {
+                std::fs::remove_file(f).ok();
+            }
+        }
+        Ok(done)
+    }
+
+    /// Labels the windows of `intervals`, `batch` at a time, into their offsets of the
+    /// partial file, recording each finished batch in this rank's progress file. Returns
+    /// the number of windows labelled.
+    #[allow(clippy::too_many_arguments)]
+    fn label_windows(
+        teacher: &dyn CausalLm,
+        sae: &Sae,
+        spec: &LabelCacheSpec,
+        shard: &TokenShard,
+        dir: &Path,
+        partial: &Path,
+        intervals: &[(usize, usize)],
+        batch: usize,
+        (rank, world): (usize, usize),
+    ) -> Result<usize> {
+        let label_bytes = if spec.n_latents <= 1 << 16 { 2 } else { 4 };
+        let per_window = spec.window * spec.k_attr * label_bytes;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(partial)
+            .map_err(|e| file_err(partial, e))?;
+        let total: usize = intervals.iter().map(|(a, b)| b - a).sum();
+        let prefix = if world > 1 {
+            format!("labels {rank}/{world}")
+        } else {
+            "labels".into()
+        };
+        let bar = if rank == 0 {
+            cocomix_data::progress_bar(total as u64, &prefix)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let progress_path = dir.join(format!("progress-rank{rank}.json"));
+        let dev = teacher.device().clone();
+        let mut finished: Vec<(usize, usize)> = Vec::new();
+        for &(a, b) in intervals {
+            let mut w0 = a;
+            while w0 < b {
+                let nb = batch.max(1).min(b - w0);
+                let mut ids = Vec::with_capacity(nb * spec.window);
+                for w in w0..w0 + nb {
+                    shard.read_into(w * spec.window, spec.window, &mut ids);
+                }
+                let ids = Tensor::from_vec(ids, (nb, spec.window), &dev)?;
+                let att = attribute(teacher, sae, &ids, spec.layer)?;
+                let (lab, _) = labels(&att, spec.n_latents, spec.k_attr, spec.mode)?;
+                let lab: Vec<u32> = lab.flatten_all()?.to_vec1()?;
+                let bytes: Vec<u8> = if label_bytes == 2 {
+                    lab.iter().flat_map(|&l| (l as u16).to_le_bytes()).collect()
+                } else {
+                    lab.iter().flat_map(|&l| l.to_le_bytes()).collect()
+                };
+                file.seek(SeekFrom::Start((w0 * per_window) as u64))
+                    .map_err(|e| file_err(partial, e))?;
+                file.write_all(&bytes).map_err(|e| file_err(partial, e))?;
+                file.sync_data().map_err(|e| file_err(partial, e))?;
+                finished.push((w0, w0 + nb));
+                finished = merge(finished);
+                write_json_atomic(
+                    &progress_path,
+                    &Progress {
+                        spec: spec.clone(),
+                        done: 0,
+                        intervals: finished.clone(),
+                    },
+                )?;
+                w0 += nb;
+                bar.inc(nb as u64);
+            }
+        }
+        bar.finish_and_clear();
+        Ok(finished.iter().map(|(a, b)| b - a).sum())
+    }
+}
+
+/// `progress.json` and the ranks' `progress-rank<r>.json` of a cache folder.
+fn progress_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("progress") && n.ends_with(".json"))
+                })
+                .collect()
         })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_intervals_merge_complement_and_split() {
+        assert_eq!(
+            merge(vec![(5, 7), (0, 2), (2, 3), (6, 9), (4, 4)]),
+            [(0, 3), (5, 9)]
+        );
+        assert_eq!(missing(&[(0, 3), (5, 9)], 12), [(3, 5), (9, 12)]);
+        assert_eq!(missing(&[], 4), [(0, 4)]);
+        assert_eq!(missing(&[(0, 4)], 4), []);
+        // 5 windows to do, split over 2 ranks as 0..2 and 2..5 of their concatenation.
+        let todo = [(3, 5), (9, 12)];
+        assert_eq!(take(&todo, 0..2), [(3, 5)]);
+        assert_eq!(take(&todo, 2..5), [(9, 12)]);
+        assert_eq!(take(&todo, 1..4), [(4, 5), (9, 11)]);
     }
 }

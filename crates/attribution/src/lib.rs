@@ -34,6 +34,8 @@ pub enum Error {
     Sae(#[from] cocomix_sae::Error),
     #[error(transparent)]
     Data(#[from] cocomix_data::Error),
+    #[error(transparent)]
+    Dist(#[from] cocomix_dist::Error),
     #[error("{path}: {reason}")]
     File {
         path: std::path::PathBuf,

@@ -1,6 +1,6 @@
 //! Attribution scores and label selection.
 use candle_core::{DType, Tensor};
-use cocomix_model::Gpt2;
+use cocomix_model::CausalLm;
 use cocomix_sae::{Sae, SparseCodes};
 
 use crate::{Error, Result};
@@ -89,10 +89,16 @@ pub struct Attribution {
 /// Attribution scores for `ids [B, T]`: x and g from the teacher's `residual_grad` at
 /// `layer`, z from the SAE, and one dot product of g with a decoder column per kept latent.
 /// The same rule for every SAE type (TopK, ReLU, JumpReLU; any input normalisation).
-pub fn attribute(teacher: &Gpt2, sae: &Sae, ids: &Tensor, layer: usize) -> Result<Attribution> {
-    sae.check_input_width(teacher.cfg.n_embd, &format!("the teacher at layer {layer}"))?;
+pub fn attribute(
+    teacher: &dyn CausalLm,
+    sae: &Sae,
+    ids: &Tensor,
+    layer: usize,
+) -> Result<Attribution> {
+    let d = teacher.d_model();
+    sae.check_input_width(d, &format!("the teacher at layer {layer}"))?;
     let rg = teacher.residual_grad(ids, layer)?;
-    let g = rg.grad.reshape(((), teacher.cfg.n_embd))?; // [N, d]
+    let g = rg.grad.reshape(((), d))?; // [N, d]
     let codes = sae.encode(&rg.hidden)?;
     let scores = (sae.decoder_dots(&codes.indices, &g)? * &codes.values)?; // [N, w]
     Ok(Attribution {
@@ -103,9 +109,14 @@ pub fn attribute(teacher: &Gpt2, sae: &Sae, ids: &Tensor, layer: usize) -> Resul
 }
 
 /// The dense reference `a = (g @ W_dec) ⊙ z`, `[N, C]` (tests only: O(N·d·C)).
-pub fn attribute_dense(teacher: &Gpt2, sae: &Sae, ids: &Tensor, layer: usize) -> Result<Tensor> {
+pub fn attribute_dense(
+    teacher: &dyn CausalLm,
+    sae: &Sae,
+    ids: &Tensor,
+    layer: usize,
+) -> Result<Tensor> {
     let rg = teacher.residual_grad(ids, layer)?;
-    let g = rg.grad.reshape(((), teacher.cfg.n_embd))?;
+    let g = rg.grad.reshape(((), teacher.d_model()))?;
     let z = sae.dense(&sae.encode(&rg.hidden)?)?;
     Ok((g.matmul(&sae.w_dec().t()?)? * z)?) // W_dec [C, d]
 }

@@ -1,4 +1,6 @@
 //! The benchmark shapes, read from the project's run configs (not repeated here).
+use std::path::{Path, PathBuf};
+
 use cocomix_model::{Gpt2Config, StudentConfig};
 use cocomix_trainer::{Objective, RunConfig, Source};
 
@@ -36,20 +38,17 @@ impl BenchConfig {
     }
 
     /// Vocabulary size and EOT id of the config's tokenizer: `data.vocab_size` for a trained
-    /// BPE (its one special token, EOT, comes first: id 0), the bundled GPT-2 tokenizer's.
+    /// BPE (its one special token, EOT, comes first: id 0), the bundled GPT-2 tokenizer's, or
+    /// those of a tokenizer file in the repository (the default's `assets/teacher/`).
     pub fn vocab(&self) -> Result<(usize, u32)> {
         let d = &self.run.data;
-        match (d.tokenizer.as_str(), d.vocab_size) {
-            ("train", Some(v)) => Ok((v, 0)),
-            ("gpt2", _) => {
-                let t = cocomix_data::Tokenizer::gpt2()?;
-                Ok((t.vocab_size(), t.eot_id()))
-            }
-            (other, _) => Err(Error::Other(format!(
-                "{}: the bench knows the vocabulary of tokenizer \"train\" and \"gpt2\", not {other:?}",
-                self.file
-            ))),
-        }
+        let tok = match (d.tokenizer.as_str(), d.vocab_size) {
+            ("train", Some(v)) => return Ok((v, 0)),
+            ("gpt2", _) => cocomix_data::Tokenizer::gpt2()?,
+            (file, _) => cocomix_data::Tokenizer::load(&repo_path(file).to_string_lossy())
+                .map_err(|e| Error::Other(format!("{}: data.tokenizer: {e}", self.file)))?,
+        };
+        Ok((tok.vocab_size(), tok.eot_id()))
     }
 
     /// The student the config trains for `objective` (C = `sae.n_latents` for CoCoMix).
@@ -65,10 +64,14 @@ impl BenchConfig {
     }
 
     /// The teacher's shape: `[teacher.train]` for a trained one, GPT-2 124M for
-    /// `openai-community/gpt2` (random weights: the bench runs offline).
+    /// `openai-community/gpt2` (random weights: the bench runs offline), the `config.json` of
+    /// a teacher folder in the repository (the default's `assets/teacher/`).
     pub fn teacher(&self) -> Result<Gpt2Config> {
         let (vocab, eot) = self.vocab()?;
         match &self.run.teacher.source {
+            Source::Load(s) if repo_path(s).join("config.json").is_file() => {
+                Ok(Gpt2Config::from_file(&repo_path(s).join("config.json"))?)
+            }
             Source::Train => {
                 let t = self.run.teacher.train.as_ref().ok_or_else(|| {
                     Error::Other(format!("{}: teacher.source = \"train\" without [teacher.train]", self.file))
@@ -86,6 +89,17 @@ impl BenchConfig {
                 self.file
             ))),
         }
+    }
+}
+
+/// A path of a config, relative to the repository root (where `cargo xtask` runs) whatever
+/// the working directory.
+fn repo_path(p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_relative() && !p.exists() {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(p)
+    } else {
+        p.to_path_buf()
     }
 }
 
@@ -109,10 +123,12 @@ mod tests {
         );
         assert_eq!(
             (c.concept_dim, c.concept_num, c.insert_layer_index),
-            (1024, 16, 1)
+            (4096, 16, 1)
         );
-        assert_eq!(d.student(Objective::Ntp).unwrap().gpt2.n_embd, 112);
-        assert_eq!(d.teacher().unwrap().n_embd, 128);
+        assert_eq!(d.student(Objective::Ntp).unwrap().gpt2.n_embd, 128);
+        // The shipped teacher's own config.json (assets/teacher).
+        let t = d.teacher().unwrap();
+        assert_eq!((t.n_embd, t.n_layer, t.vocab_size), (256, 6, 2048));
         let p = BenchConfig::gpt2_69m().unwrap();
         let s = p.student(Objective::Cocomix).unwrap();
         let c = s.concept.as_ref().unwrap();

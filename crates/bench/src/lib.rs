@@ -20,10 +20,12 @@ mod attribution;
 mod common;
 mod configs;
 mod data;
+mod dist;
 mod eval;
 mod model;
 pub mod parity;
 mod sae;
+mod smollm2;
 mod train;
 
 use std::path::PathBuf;
@@ -62,6 +64,9 @@ pub enum Error {
     /// From the eval crate.
     #[error(transparent)]
     Eval(#[from] cocomix_eval::Error),
+    /// From the communicator (`bench dist`).
+    #[error(transparent)]
+    Dist(#[from] cocomix_dist::Error),
     /// Reading or writing a file.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -88,6 +93,12 @@ pub enum Bench {
     Train,
     /// HellaSwag-shaped requests/s.
     Eval,
+    /// SmolLM2-135M as a teacher (skipped when its GGUF is absent): forward and residual
+    /// gradient tokens/s, label-cache build.
+    Smollm2,
+    /// Data parallelism over MPI: gradient all-reduce bytes and time per step at the 69M
+    /// shapes, NTP throughput on 1 vs 2 ranks. Each case runs as [`dist_ranks`] MPI ranks.
+    Dist,
 }
 
 impl Bench {
@@ -100,6 +111,8 @@ impl Bench {
             Bench::Attribution => "attribution",
             Bench::Train => "train",
             Bench::Eval => "eval",
+            Bench::Smollm2 => "smollm2",
+            Bench::Dist => "dist",
         }
     }
 
@@ -131,6 +144,19 @@ impl Bench {
                 ],
             ),
             Bench::Eval => (&["eval-hellaswag-124m"], &[]),
+            Bench::Smollm2 => (
+                &[
+                    "smollm2-forward-128",
+                    "smollm2-forward-1024",
+                    "smollm2-residual-grad",
+                    "smollm2-labels",
+                ],
+                &[],
+            ),
+            Bench::Dist => (
+                &["train-default-ntp-1rank", "train-default-ntp-2rank"],
+                &["allreduce-69m"],
+            ),
         };
         base.iter()
             .chain(if small { &[][..] } else { big })
@@ -180,10 +206,16 @@ pub struct Report {
     pub ratios: Option<serde_json::Value>,
 }
 
+/// MPI ranks a [`Bench::Dist`] case runs on (`mpirun -np` this; 1 for every other case).
+pub fn dist_ranks(case: &str) -> usize {
+    dist::ranks(case)
+}
+
 /// Runs one case in this process; the result includes this process's peak RSS.
 pub fn run_case(case: &str, opts: &BenchOptions) -> Result<serde_json::Value> {
     let mut v = match case {
         "data" => data::data(&opts.corpus)?,
+        c if dist::CASES.contains(&c) => dist::run(c)?,
         c if c.starts_with("data-") => data::format(c, &opts.corpus)?,
         "tiny-ntp" | "tiny-cocomix" | "69m-ntp" | "69m-cocomix" => model::student_step(case)?,
         "residual-grad-124m" => model::residual_grad_124m()?,
@@ -193,6 +225,7 @@ pub fn run_case(case: &str, opts: &BenchOptions) -> Result<serde_json::Value> {
         "labels-cached-vs-online-124m" => attribution::labels_cached_vs_online()?,
         c if c.starts_with("train-") => train::train_case(c, opts.batch, opts.precision)?,
         "eval-hellaswag-124m" => eval::hellaswag()?,
+        c if c.starts_with("smollm2-") => smollm2::case(c)?,
         other => return Err(Error::Other(format!("unknown bench case {other}"))),
     };
     v["peak_rss_mib"] = peak_rss_mib().into();

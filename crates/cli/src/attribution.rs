@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use cocomix_attribution::{LabelCache, LabelCacheSpec, LabelChoice, LabelMode};
-use cocomix_model::Gpt2;
 use cocomix_sae::Sae;
 use cocomix_trainer::default_device;
 
@@ -32,13 +31,13 @@ pub struct AttributeArgs {
 
 pub fn attribute(a: AttributeArgs) -> Result<()> {
     let dev = default_device()?;
-    let t = Gpt2::load(&a.teacher, &dev)?;
+    let (t, _) = cocomix_trainer::pipeline::load_teacher(&a.teacher, &dev)?;
     let s = Sae::load(&a.sae, &dev)?;
     let mode: LabelMode = a.mode.into();
     let tok = model_tokenizer(&a.teacher)?;
-    let ids = text_ids(&tok, &a.text, t.cfg.n_positions, t.cfg.vocab_size)?;
+    let ids = text_ids(&tok, &a.text, t.context(), t.vocab_size())?;
     let att = cocomix_attribution::attribute(
-        &t,
+        t.as_ref(),
         &s,
         &Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?,
         a.layer,
@@ -97,20 +96,20 @@ pub fn labels(cmd: LabelsCommand) -> Result<()> {
         max_windows,
     } = cmd;
     let dev = default_device()?;
-    let t = Gpt2::load(&teacher, &dev)?;
+    let (t, weights) = cocomix_trainer::pipeline::load_teacher(&teacher, &dev)?;
     let s = Sae::load(&sae, &dev)?;
     let ds = cocomix_data::Dataset::open(&data)?;
     ds.check_tokenizer(&model_tokenizer(&teacher)?)?;
-    let window = window.unwrap_or(t.cfg.n_positions);
-    if window > t.cfg.n_positions {
+    let window = window.unwrap_or(t.context());
+    if window > t.context() {
         bail!(
             "--window {window} exceeds the teacher's context {}",
-            t.cfg.n_positions
+            t.context()
         );
     }
     let spec = LabelCacheSpec::new(
         &teacher,
-        &cocomix_model::gpt2::resolve_model_files(&teacher)?.1,
+        &weights,
         &s,
         ds.meta(),
         LabelChoice {
@@ -122,7 +121,7 @@ pub fn labels(cmd: LabelsCommand) -> Result<()> {
         },
     )?;
     let dir = LabelCache::path_for(&data, &spec);
-    let cache = LabelCache::build(&t, &s, &spec, &ds.train, &dir, batch)?;
+    let cache = LabelCache::build(t.as_ref(), &s, &spec, &ds.train, &dir, batch)?;
     eprintln!(
         "{}: {} windows of {window} tokens",
         dir.display(),

@@ -22,6 +22,13 @@ pub enum BenchArg {
     Train,
     /// HellaSwag requests/s (4 alternatives per document) with a GPT-2 124M-shaped model.
     Eval,
+    /// SmolLM2-135M as a teacher (the GGUF of scripts/fetch-smollm2.sh; skipped when
+    /// absent): forward tokens/s at T = 128 and 1024, residual gradient at its middle layer,
+    /// label-cache build.
+    Smollm2,
+    /// Data parallelism over MPI (build with --features mpi): gradient all-reduce bytes and
+    /// time per step at the 69M shapes on 2 ranks, NTP throughput on 1 vs 2 ranks.
+    Dist,
 }
 
 impl From<BenchArg> for Bench {
@@ -33,6 +40,8 @@ impl From<BenchArg> for Bench {
             BenchArg::Attribution => Bench::Attribution,
             BenchArg::Train => Bench::Train,
             BenchArg::Eval => Bench::Eval,
+            BenchArg::Smollm2 => Bench::Smollm2,
+            BenchArg::Dist => Bench::Dist,
         }
     }
 }
@@ -88,7 +97,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         precision: a.precision.into(),
     };
     if let Some(case) = &a.case {
-        return print_json(&run_case(case, &opts)?, true);
+        let v = run_case(case, &opts)?;
+        // Of the MPI ranks of a `dist` case, rank 0 answers.
+        if cocomix_dist::launcher_rank() != 0 {
+            return Ok(());
+        }
+        return print_json(&v, true);
     }
     let exe = std::env::current_exe().context("locating the cocomix binary")?;
     let what = clap::ValueEnum::to_possible_value(&a.what)
@@ -97,8 +111,23 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let precision = clap::ValueEnum::to_possible_value(&a.precision)
         .map(|v| v.get_name().to_string())
         .context("precision name")?;
-    let report = run_bench(a.what.into(), &opts, |case| {
-        let mut c = std::process::Command::new(&exe);
+    let bench: Bench = a.what.into();
+    let dist = bench == Bench::Dist;
+    if dist && cocomix_dist::mpirun_command(1).is_none() {
+        bail!("bench dist needs mpirun (apt-get install openmpi-bin)");
+    }
+    let report = run_bench(bench, &opts, |case| {
+        // A `dist` case runs as its ranks under mpirun, one thread each (they share the cores).
+        let mpirun = dist
+            .then(|| cocomix_dist::mpirun_command(cocomix_bench::dist_ranks(case)))
+            .flatten();
+        let mut c = match mpirun {
+            Some(mut m) => {
+                m.env("RAYON_NUM_THREADS", "1").arg(&exe);
+                m
+            }
+            None => std::process::Command::new(&exe),
+        };
         c.args(["bench", &what, "--case", case, "--precision", &precision])
             .arg("--corpus")
             .arg(&a.corpus);

@@ -5,9 +5,16 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use cocomix_data::Tokenizer;
 
-/// The tokenizer of a model folder, else the bundled GPT-2 one.
+/// The tokenizer of a model: a GGUF file's own, a folder's, a hub repo's, else the bundled
+/// GPT-2 one.
 pub fn model_tokenizer(spec: &str) -> Result<Tokenizer> {
     let dir = Path::new(spec);
+    if dir.is_file() && cocomix_model::gguf::is_gguf_path(dir) {
+        return Ok(Tokenizer::from_gguf(dir)?);
+    }
+    if !dir.exists() && spec.split('/').count() == 2 && !spec.starts_with('.') {
+        return Ok(Tokenizer::load(spec)?);
+    }
     if dir.is_dir() {
         if let Some(t) = Tokenizer::from_dir(dir)? {
             return Ok(t);

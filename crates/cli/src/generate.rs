@@ -1,5 +1,6 @@
-//! `cocomix generate`: sampling from a GPT-2 or a CoCoMix student, optionally steering
-//! concepts (the student's predicted concepts, or a GPT-2's SAE latents at one layer).
+//! `cocomix generate`: sampling from a GPT-2, a Llama-family model or a CoCoMix student,
+//! optionally steering concepts (the student's predicted concepts, or a teacher's SAE latents
+//! at one layer).
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use cocomix_model::{AnyModel, Hook, Sampling, Steer, SteerMode};
@@ -28,13 +29,13 @@ impl From<SteerModeArg> for SteerMode {
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// Model folder or hub id (GPT-2 or a CoCoMix student).
+    /// Model folder, hub id or `.gguf` file (GPT-2, Llama-family or a CoCoMix student).
     #[arg(long)]
     model: String,
     #[arg(long)]
     prompt: String,
     /// Steer concept IDX by VALUE (repeatable). CoCoMix: the predicted concept logit; GPT-2
-    /// with --sae: the SAE latent at --layer.
+    /// or Llama with --sae: the SAE latent at --layer.
     #[arg(long = "steer", value_name = "IDX=VALUE")]
     steer: Vec<String>,
     /// How --steer changes the concept.
@@ -43,7 +44,7 @@ pub struct GenerateArgs {
     /// Keep steered concepts in the TopK whatever their value (CoCoMix).
     #[arg(long)]
     force_topk: bool,
-    /// SAE file, for steering a GPT-2 through its latents.
+    /// SAE file, for steering a GPT-2 or Llama through its latents.
     #[arg(long, requires = "layer")]
     sae: Option<String>,
     /// The layer the SAE reads (output of block LAYER).
@@ -99,11 +100,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         Some(s) => {
             if matches!(model, AnyModel::Student(_)) {
                 bail!(
-                    "--sae steers a GPT-2; a CoCoMix student is steered through its own concepts"
+                    "--sae steers a GPT-2 or Llama; a CoCoMix student is steered through its own concepts"
                 );
             }
+            let n_layer = model.teacher().map_or(0, |t| t.n_layer());
+            if let Some(l) = a.layer.filter(|&l| l >= n_layer) {
+                bail!("--layer {l}: {} has {n_layer} blocks", a.model);
+            }
             let sae = Sae::load(s, &dev)?;
-            sae.check_input_width(model.gpt2().cfg.n_embd, &a.model)?;
+            sae.check_input_width(model.d_model(), &a.model)?;
             Some(sae)
         }
         None => None,
@@ -114,7 +119,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         _ => 0,
     };
     if !a.steer.is_empty() && n_concepts == 0 {
-        bail!("--steer needs a CoCoMix student, or a GPT-2 with --sae and --layer");
+        bail!("--steer needs a CoCoMix student, or a GPT-2 or Llama with --sae and --layer");
     }
     let steer = parse_steer(&a.steer, a.steer_mode.into(), a.force_topk, n_concepts)?;
     let steer = &steer;
@@ -130,7 +135,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let student_steer: &[Steer] = match model {
         AnyModel::Student(_) => steer,
-        AnyModel::Gpt2(_) => &[],
+        AnyModel::Gpt2(_) | AnyModel::Llama(_) => &[],
     };
     let sampling = Sampling {
         max_new_tokens: a.max_new_tokens,

@@ -108,13 +108,37 @@ struct CompareArgs {
 }
 
 fn run_job(cfg: &cocomix_trainer::RunConfig, prepare_only: bool) -> Result<()> {
-    let device = cocomix_trainer::default_device()?;
-    if prepare_only {
-        let shared = cocomix_trainer::pipeline::Shared::prepare(cfg, &cfg.run.objectives, &device)?;
-        println!("{}", shared.describe(cfg));
+    // One rank of a data-parallel job when launched so (`dist.backend`), else one process.
+    let comm = cocomix_trainer::Comm::init(&cfg.dist)?;
+    let job = |device: candle_core::Device| {
+        if prepare_only {
+            let shared = cocomix_trainer::pipeline::Shared::prepare(
+                cfg,
+                &cfg.run.objectives,
+                &device,
+                &comm,
+            )?;
+            if comm.is_root() {
+                println!("{}", shared.describe(cfg));
+            }
+            return Ok(None);
+        }
+        cocomix_trainer::pipeline::run_main_job(cfg, &device, &comm).map(Some)
+    };
+    let dir = match cocomix_trainer::rank_device(&comm).and_then(job) {
+        Ok(dir) => dir,
+        Err(e) if comm.world() > 1 => {
+            // Said before the communicator's drop aborts the job (and this process).
+            eprintln!("error: rank {}: {e}", comm.rank());
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let root = comm.is_root();
+    comm.finish();
+    let Some(dir) = dir.filter(|_| root) else {
         return Ok(());
-    }
-    let dir = cocomix_trainer::pipeline::run_main_job(cfg, &device)?;
+    };
     let path = dir.join("compare.md");
     let report = std::fs::read_to_string(&path)
         .with_context(|| format!("reading the report {}", path.display()))?;
@@ -223,8 +247,14 @@ fn main() {
     tune_threads();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                // Ranks other than 0 of a data-parallel job only warn.
+                let level = match cocomix_trainer::launcher_rank() {
+                    0 => "info",
+                    _ => "warn",
+                };
+                tracing_subscriber::EnvFilter::new(level)
+            }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

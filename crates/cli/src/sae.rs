@@ -3,7 +3,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
-use cocomix_model::Gpt2;
 use cocomix_sae::Sae;
 use cocomix_trainer::default_device;
 
@@ -72,25 +71,24 @@ pub fn run(cmd: SaeCommand) -> Result<()> {
             context,
             seed,
         } => {
-            let t = Gpt2::load(&teacher, &dev)?;
+            let (t, weights) = cocomix_trainer::pipeline::load_teacher(&teacher, &dev)?;
             let ds = cocomix_data::Dataset::open(&data)?;
             ds.check_tokenizer(&model_tokenizer(&teacher)?)?;
-            if layer >= t.cfg.n_layer {
-                bail!("--layer {layer}: the teacher has {} blocks", t.cfg.n_layer);
+            if layer >= t.n_layer() {
+                bail!("--layer {layer}: the teacher has {} blocks", t.n_layer());
             }
-            let mut cfg = cocomix_sae::SaeTrainConfig::new(t.cfg.n_embd, latents, k);
+            let mut cfg = cocomix_sae::SaeTrainConfig::new(t.d_model(), latents, k);
             if let Some(lr) = lr {
                 cfg.lr = lr;
             }
             cfg.seed = seed;
-            let ctx = context.unwrap_or(t.cfg.n_positions).min(t.cfg.n_positions);
-            let weights = cocomix_model::gpt2::resolve_model_files(&teacher)?.1;
+            let ctx = context.unwrap_or(t.context()).min(t.context());
             let meta = [
                 ("teacher", teacher.clone()),
                 ("teacher_sha256", cocomix_data::file_sha256(&weights)?),
             ];
             cocomix_trainer::pipeline::train_sae(
-                &t,
+                t.as_ref(),
                 &ds,
                 cocomix_trainer::pipeline::SaeJob {
                     sae: cfg,
@@ -115,11 +113,11 @@ pub fn run(cmd: SaeCommand) -> Result<()> {
             text,
             json,
         } => {
-            let m = Gpt2::load(&model, &dev)?;
+            let (m, _) = cocomix_trainer::pipeline::load_teacher(&model, &dev)?;
             let s = Sae::load(&sae, &dev)?;
-            s.check_input_width(m.cfg.n_embd, &format!("{model} at layer {layer}"))?;
+            s.check_input_width(m.d_model(), &format!("{model} at layer {layer}"))?;
             let tok = model_tokenizer(&model)?;
-            let ids = text_ids(&tok, &text, m.cfg.n_positions, m.cfg.vocab_size)?;
+            let ids = text_ids(&tok, &text, m.context(), m.vocab_size())?;
             let x = m.hidden_state(&Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?, layer)?;
             let codes = s.encode(&x)?;
             let v = serde_json::json!({

@@ -650,3 +650,83 @@ fn bench_report_keeps_its_json_shape() {
     assert!(r["peak_rss_mib"].as_f64().unwrap() > 0.0);
     assert!(r["tokenize_tokens_per_s"].as_f64().unwrap() > 0.0);
 }
+
+fn llama_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../model/tests/fixtures/llama")
+        .join(name)
+}
+
+#[test]
+fn eval_and_generate_take_a_llama_with_its_own_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, TEXT.repeat(3)).unwrap();
+    // A GGUF: the model and its tokenizer from the one file.
+    let out = run_ok(
+        bin()
+            .args(["eval", "ppl", "--model"])
+            .arg(llama_fixture("tiny-q8_0.gguf"))
+            .arg("--text")
+            .arg(&text)
+            .args(["--seq-len", "32", "--json"]),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let n = Tokenizer::load(&llama_fixture("tiny-q8_0.gguf").display().to_string())
+        .unwrap()
+        .encode(&TEXT.repeat(3))
+        .unwrap()
+        .len();
+    assert_eq!(v["tokens"], n, "every token predicted once: {v}");
+    assert!(v["ppl"].as_f64().unwrap().is_finite(), "{v}");
+
+    // An HF folder, steered through a width-32 SAE at its block 1 of 3.
+    let dev = Device::Cpu;
+    let sae = dir.path().join("sae.safetensors");
+    cocomix_sae::Sae::new(
+        Tensor::zeros(32, candle_core::DType::F32, &dev).unwrap(),
+        Tensor::randn(0f32, 1.0, (64, 32), &dev).unwrap(),
+        Tensor::zeros(64, candle_core::DType::F32, &dev).unwrap(),
+        Tensor::randn(0f32, 1.0, (32, 64), &dev).unwrap(),
+        8,
+        "test".into(),
+    )
+    .unwrap()
+    .save(&sae, &[])
+    .unwrap();
+    let gen = |layer: &str, extra: &[&str]| {
+        bin()
+            .args(["generate", "--model"])
+            .arg(llama_fixture("hf"))
+            .args(["--prompt", "the cat sat", "--max-new-tokens", "12"])
+            .arg("--sae")
+            .arg(&sae)
+            .args(["--layer", layer])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let text_of = |o: std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let plain = text_of(gen("1", &[]));
+    assert!(plain.starts_with("the cat sat"), "{plain}");
+    assert_eq!(text_of(gen("1", &["--steer", "5=0"])), plain);
+    let steered = text_of(gen(
+        "1",
+        &["--steer", "3=80", "--steer", "9=80", "--steer-mode", "set"],
+    ));
+    assert_ne!(
+        steered, plain,
+        "a strong SAE steer changes the generated text"
+    );
+    let e = gen("3", &["--steer", "5=1"]);
+    assert!(!e.status.success());
+    assert!(
+        String::from_utf8_lossy(&e.stderr).contains("--layer 3")
+            && String::from_utf8_lossy(&e.stderr).contains("has 3 blocks"),
+        "{}",
+        String::from_utf8_lossy(&e.stderr)
+    );
+}

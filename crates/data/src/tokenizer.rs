@@ -1,22 +1,52 @@
-//! A thin wrapper over the `tokenizers` crate with GPT-2 byte-level BPE as the default.
+//! A thin wrapper over the `tokenizers` crate with GPT-2 byte-level BPE as the default, and
+//! byte-level BPEs rebuilt from a GGUF file's `tokenizer.ggml.*` metadata.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, Vocab, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, ModelWrapper};
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, ModelWrapper, SplitDelimiterBehavior};
 
 use crate::{Error, Result};
 
-/// The end-of-text token every tokenizer here carries; documents are joined with it.
+/// The end-of-text token of GPT-2-style vocabularies; documents are joined with it.
 pub const EOT: &str = "<|endoftext|>";
+
+/// End-of-text tokens looked for, in order, in a vocabulary without [`EOT`] (Llama 3,
+/// Llama 2 / Mistral, Gemma spellings).
+const EOT_FALLBACKS: &[&str] = &["<|end_of_text|>", "</s>", "<eos>"];
+
+/// llama.cpp pre-tokenizer kinds (`tokenizer.ggml.pre`) a GGUF tokenizer may have here.
+/// `default` and `gpt2` split as GPT-2 does; `smollm` isolates every digit first (SmolLM2's
+/// `tokenizer.json` and llama.cpp); `llama-bpe` (also `llama3`, `llama-v3`) is Llama 3's split.
+pub const GGUF_PRE_TOKENIZERS: &[&str] = &[
+    "default",
+    "gpt2",
+    "smollm",
+    "llama-bpe",
+    "llama3",
+    "llama-v3",
+];
+
+/// Llama 3's pre-tokenizer regex (its `tokenizer.json`; llama.cpp's `llama-bpe`).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// llama.cpp's token types (`tokenizer.ggml.token_type`) that are added tokens.
+const TOKEN_CONTROL: i32 = 3;
+const TOKEN_USER_DEFINED: i32 = 4;
 
 static GPT2_VOCAB: &str = include_str!("../../../assets/gpt2/vocab.json");
 static GPT2_MERGES: &str = include_str!("../../../assets/gpt2/merges.txt");
 
-/// A byte-level BPE tokenizer with an end-of-text token.
+/// A byte-level BPE tokenizer with an end-of-text token ([`EOT`], or the vocabulary's own
+/// end-of-text token).
 ///
 /// `encode` splits `<|endoftext|>` written in the text into the EOT id (as Hugging Face
 /// does); `encode_ordinary` treats it as plain text (as tiktoken's `encode_ordinary`, which
@@ -43,10 +73,20 @@ fn byte_level_tokenizer(model: BPE) -> Result<tokenizers::Tokenizer> {
 }
 
 impl Tokenizer {
-    fn from_inner(inner: tokenizers::Tokenizer) -> Result<Self> {
-        let eot_id = inner
-            .token_to_id(EOT)
-            .ok_or_else(|| Error::Tokenizer(format!("the vocabulary has no {EOT} token")))?;
+    /// Wraps `inner`; the end-of-text id is `eot`, else that of [`EOT`] or a usual spelling.
+    fn from_inner(inner: tokenizers::Tokenizer, eot: Option<u32>) -> Result<Self> {
+        let eot_id = eot
+            .or_else(|| {
+                std::iter::once(EOT)
+                    .chain(EOT_FALLBACKS.iter().copied())
+                    .find_map(|t| inner.token_to_id(t))
+            })
+            .ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "the vocabulary has no end-of-text token ({EOT} or {})",
+                    EOT_FALLBACKS.join(", ")
+                ))
+            })?;
         let identity = crate::sha256_hex(inner.to_string(false).map_err(tok_err)?.as_bytes());
         let mut ordinary = inner.clone();
         ordinary.set_encode_special_tokens(true);
@@ -90,7 +130,7 @@ impl Tokenizer {
             .vocab_and_merges(vocab.into_iter().collect::<Vocab>(), pairs)
             .build()
             .map_err(tok_err)?;
-        Self::from_inner(byte_level_tokenizer(model)?)
+        Self::from_inner(byte_level_tokenizer(model)?, None)
     }
 
     /// Loads a byte-level BPE from a `vocab.json` + `merges.txt` pair (GPT-2 layout).
@@ -100,14 +140,20 @@ impl Tokenizer {
         Self::from_vocab_merges_str(&v, &m, vocab)
     }
 
-    /// Loads a Hugging Face `tokenizer.json`.
+    /// Loads a Hugging Face `tokenizer.json`, or the tokenizer in a `.gguf` file's metadata.
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.exists() {
             return Err(Error::invalid(path, "no such file"));
         }
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            return Self::from_gguf(path);
+        }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::invalid(path, format!("not a tokenizer.json: {e}")))?;
-        Self::from_inner(inner).map_err(|e| Error::invalid(path, e.to_string()))
+        Self::from_inner(inner, None).map_err(|e| Error::invalid(path, e.to_string()))
     }
 
     /// Downloads `tokenizer.json` (or `vocab.json` + `merges.txt`) of a Hugging Face repo.
@@ -122,7 +168,7 @@ impl Tokenizer {
         Self::from_vocab_merges(&vocab, &merges)
     }
 
-    /// Resolves a tokenizer spec: `gpt2` (bundled), a `tokenizer.json` file, a folder
+    /// Resolves a tokenizer spec: `gpt2` (bundled), a `tokenizer.json` or `.gguf` file, a folder
     /// holding `tokenizer.json` or `vocab.json` + `merges.txt`, else a hub repo id.
     pub fn load(spec: &str) -> Result<Self> {
         if spec == "gpt2" || spec == "openai-community/gpt2" {
@@ -192,7 +238,7 @@ impl Tokenizer {
         if !matches!(tok.get_model(), ModelWrapper::BPE(_)) {
             return Err(Error::Tokenizer("trainer produced a non-BPE model".into()));
         }
-        Self::from_inner(tok)
+        Self::from_inner(tok, None)
     }
 
     /// Writes `tokenizer.json` into `dir` (atomically).
@@ -245,6 +291,197 @@ impl Tokenizer {
     /// The text form of one id, if it exists.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+}
+
+/// The `tokenizers` pre-tokenizer of a llama.cpp pre-tokenizer kind.
+fn gguf_pre_tokenizer(kind: &str, add_prefix_space: bool) -> Option<PreTokenizerWrapper> {
+    let gpt2 = || ByteLevel::new(add_prefix_space, true, true);
+    Some(match kind {
+        "default" | "gpt2" => gpt2().into(),
+        "smollm" => Sequence::new(vec![Digits::new(true).into(), gpt2().into()]).into(),
+        "llama-bpe" | "llama3" | "llama-v3" => Sequence::new(vec![
+            Split::new(
+                SplitPattern::Regex(LLAMA3_SPLIT.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .ok()?
+            .into(),
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into(),
+        _ => return None,
+    })
+}
+
+/// The `tokenizer.ggml.*` metadata of a GGUF file, read with Candle's GGUF reader.
+struct GgufMeta<'a> {
+    path: &'a Path,
+    md: &'a HashMap<String, Value>,
+}
+
+impl GgufMeta<'_> {
+    fn bad(&self, key: &str, want: &str) -> Error {
+        Error::invalid(self.path, format!("metadata key `{key}` is not {want}"))
+    }
+    fn string(&self, key: &str) -> Result<Option<&str>> {
+        match self.md.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(self.bad(key, "a string")),
+        }
+    }
+    fn array(&self, key: &str) -> Result<Option<&Vec<Value>>> {
+        match self.md.get(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => Ok(Some(a)),
+            Some(_) => Err(self.bad(key, "an array")),
+        }
+    }
+    fn strings(&self, key: &str) -> Result<Option<Vec<&str>>> {
+        let Some(a) = self.array(key)? else {
+            return Ok(None);
+        };
+        a.iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.as_str()),
+                _ => Err(self.bad(key, "an array of strings")),
+            })
+            .collect::<Result<_>>()
+            .map(Some)
+    }
+    fn id(&self, key: &str) -> Result<Option<u32>> {
+        match self.md.get(key) {
+            None => Ok(None),
+            Some(v) => v.to_u32().map(Some).map_err(|_| self.bad(key, "a u32")),
+        }
+    }
+    fn flag(&self, key: &str) -> Result<bool> {
+        match self.md.get(key) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(self.bad(key, "a bool")),
+        }
+    }
+}
+
+impl Tokenizer {
+    /// The tokenizer a GGUF file describes in its metadata (llama.cpp's `tokenizer.ggml.*`):
+    /// a byte-level BPE (`tokenizer.ggml.model = gpt2`) from its tokens and merges, split as
+    /// `tokenizer.ggml.pre` says (one of [`GGUF_PRE_TOKENIZERS`]), control tokens as special
+    /// tokens and user-defined ones as added tokens. The end-of-text token is [`EOT`] when
+    /// the vocabulary has it, else `tokenizer.ggml.eos_token_id`. No BOS is ever prepended.
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let content = Content::read(&mut std::io::BufReader::new(file))
+            .map_err(|e| Error::invalid(path, format!("not a readable GGUF file: {e}")))?;
+        let m = GgufMeta {
+            path,
+            md: &content.metadata,
+        };
+        let model = m.string("tokenizer.ggml.model")?.ok_or_else(|| {
+            Error::invalid(path, "no tokenizer in the metadata (tokenizer.ggml.model)")
+        })?;
+        if model != "gpt2" {
+            return Err(Error::invalid(
+                path,
+                format!("tokenizer.ggml.model `{model}` is not supported (supported: gpt2, a byte-level BPE)"),
+            ));
+        }
+        let pre = m.string("tokenizer.ggml.pre")?.unwrap_or("default");
+        let pre_tokenizer = gguf_pre_tokenizer(pre, m.flag("tokenizer.ggml.add_space_prefix")?)
+            .ok_or_else(|| {
+                Error::invalid(
+                    path,
+                    format!(
+                        "pre-tokenizer `{pre}` (tokenizer.ggml.pre) is not supported (supported: {})",
+                        GGUF_PRE_TOKENIZERS.join(", ")
+                    ),
+                )
+            })?;
+        let tokens = m.strings("tokenizer.ggml.tokens")?.ok_or_else(|| {
+            Error::invalid(path, "metadata key `tokenizer.ggml.tokens` is missing")
+        })?;
+        let mut vocab: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            if let Some(first) = vocab.insert(t.to_string(), i as u32) {
+                return Err(Error::invalid(
+                    path,
+                    format!("token {t:?} appears twice in the vocabulary (ids {first} and {i})"),
+                ));
+            }
+        }
+        let merges = m
+            .strings("tokenizer.ggml.merges")?
+            .ok_or_else(|| Error::invalid(path, "metadata key `tokenizer.ggml.merges` is missing"))?
+            .into_iter()
+            .enumerate()
+            .map(|(n, line)| match line.split_once(' ') {
+                Some((a, b)) if !b.contains(' ') => Ok((a.to_string(), b.to_string())),
+                _ => Err(Error::invalid(
+                    path,
+                    format!("tokenizer.ggml.merges[{n}] = {line:?}: expected two symbols"),
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // llama.cpp (and Llama 3's tokenizer.json) take a piece that is a whole token as is.
+        let ignore_merges = matches!(pre, "llama-bpe" | "llama3" | "llama-v3");
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab.into_iter().collect::<Vocab>(), merges)
+            .ignore_merges(ignore_merges)
+            .build()
+            .map_err(|e| Error::invalid(path, format!("tokenizer.ggml.merges: {e}")))?;
+        let mut tok = tokenizers::Tokenizer::new(bpe);
+        tok.with_pre_tokenizer(Some(pre_tokenizer));
+        tok.with_decoder(Some(ByteLevelDecoder::default()));
+        let types: Vec<i32> = match m.array("tokenizer.ggml.token_type")? {
+            None => Vec::new(),
+            Some(a) => a
+                .iter()
+                .map(|v| {
+                    v.to_i32()
+                        .map_err(|_| m.bad("tokenizer.ggml.token_type", "i32s"))
+                })
+                .collect::<Result<_>>()?,
+        };
+        let added = |kind: i32| -> Vec<AddedToken> {
+            tokens
+                .iter()
+                .zip(&types)
+                .filter(|(_, &t)| t == kind)
+                .map(|(s, _)| {
+                    AddedToken::from(s.to_string(), kind == TOKEN_CONTROL).normalized(false)
+                })
+                .collect()
+        };
+        tok.add_special_tokens(added(TOKEN_CONTROL))
+            .map_err(tok_err)?;
+        tok.add_tokens(added(TOKEN_USER_DEFINED)).map_err(tok_err)?;
+        if tok.get_vocab_size(true) != tokens.len() {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "the tokenizer has {} ids, the file lists {} tokens",
+                    tok.get_vocab_size(true),
+                    tokens.len()
+                ),
+            ));
+        }
+        let eot = match tokens.iter().position(|t| *t == EOT) {
+            Some(i) => Some(i as u32),
+            None => m.id("tokenizer.ggml.eos_token_id")?,
+        };
+        if let Some(e) = eot.filter(|&e| e as usize >= tokens.len()) {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "end-of-text id {e} is outside the vocabulary of {}",
+                    tokens.len()
+                ),
+            ));
+        }
+        Self::from_inner(tok, eot).map_err(|e| Error::invalid(path, e.to_string()))
     }
 }
 

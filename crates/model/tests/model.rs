@@ -730,3 +730,42 @@ fn bf16_autocast_stays_close_to_f32_and_reaches_every_weight() {
         assert!(scalar(&g.abs().unwrap().sum_all().unwrap()) > 0.0, "{name}");
     }
 }
+
+#[test]
+fn dropout_masks_depend_on_the_global_row_not_on_the_batch_slice() {
+    let x = Tensor::ones((6, 3, 40), DType::F32, &DEV).unwrap();
+    let masks = |d: &mut Dropout, x: &Tensor| -> Vec<Vec<f32>> {
+        // Two calls: the second call site draws other masks than the first.
+        let a = d.apply(x, 0.25).unwrap();
+        let b = d.apply(x, 0.25).unwrap();
+        [a, b]
+            .iter()
+            .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    };
+    let full = masks(&mut Dropout::seeded(11), &x);
+    let tail = masks(
+        &mut Dropout::seeded(11).with_row_offset(4),
+        &x.narrow(0, 4, 2).unwrap(),
+    );
+    // Rows 4 and 5 of the whole batch, seen as rows 0 and 1 of a slice starting at row 4.
+    assert_eq!(tail[0], full[0][4 * 120..]);
+    assert_eq!(tail[1], full[1][4 * 120..]);
+    assert_ne!(full[0], full[1], "call sites draw independent masks");
+    let other_seed = masks(&mut Dropout::seeded(12), &x);
+    assert_ne!(full[0], other_seed[0]);
+    // Inverted dropout: zeros at rate p, survivors scaled by 1 / (1 - p).
+    let big = Tensor::ones((50, 1000), DType::F32, &DEV).unwrap();
+    let m: Vec<f32> = Dropout::seeded(3)
+        .apply(&big, 0.25)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let zeros = m.iter().filter(|&&v| v == 0.0).count() as f64 / m.len() as f64;
+    assert!((zeros - 0.25).abs() < 0.01, "drop rate {zeros}");
+    assert!(m.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+    let mean = m.iter().map(|&v| v as f64).sum::<f64>() / m.len() as f64;
+    assert!((mean - 1.0).abs() < 0.02, "mean {mean}");
+}

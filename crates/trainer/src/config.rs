@@ -325,8 +325,9 @@ pub struct DataSection {
     pub inputs: Vec<PathBuf>,
     /// The prepared data folder.
     pub dir: PathBuf,
-    /// `gpt2` (bundled), a tokenizer file/folder or hub id, or `train` (a byte-level BPE of
-    /// `vocab_size` trained on the corpus).
+    /// `gpt2` (bundled), a tokenizer file/folder, `.gguf` file or hub id, `train` (a
+    /// byte-level BPE of `vocab_size` trained on the corpus), or `teacher` (the loaded
+    /// teacher's own: a Llama's GGUF or tokenizer.json).
     pub tokenizer: String,
     #[serde(default)]
     pub vocab_size: Option<usize>,
@@ -334,8 +335,9 @@ pub struct DataSection {
     pub split_seed: u64,
 }
 
-/// `[teacher]`: a frozen LM (a folder or hub id), or `source = "train"` to train a small
-/// one on the corpus first (shape and budget below).
+/// `[teacher]`: a frozen LM (GPT-2 or Llama-family: a Hugging Face folder, hub id or `.gguf`
+/// file), or `source = "train"` to train a small GPT-2 on the corpus first (shape and budget
+/// below).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TeacherSection {
@@ -468,6 +470,14 @@ pub struct RunConfig {
     pub kd: KdSection,
     pub eval: EvalSection,
     pub checkpoint: CheckpointSection,
+    /// `[dist]`: data-parallel training (optional; one process by default). Not part of a
+    /// run's identity: a run may resume under another world size.
+    #[serde(default, skip_serializing_if = "is_single")]
+    pub dist: cocomix_dist::DistConfig,
+}
+
+fn is_single(d: &cocomix_dist::DistConfig) -> bool {
+    *d == cocomix_dist::DistConfig::default()
 }
 
 fn parse_value(text: &str) -> toml::Value {
@@ -522,6 +532,7 @@ impl RunConfig {
         c.run.objectives = vec![Arm::new(arm.objective)];
         c.concept.lambda = arm.lambda(&self.concept);
         c.concept.label_mode = arm.label_mode(&self.concept);
+        c.dist = Default::default();
         c
     }
 
@@ -627,6 +638,12 @@ impl RunConfig {
         if self.data.tokenizer == "train" && self.data.vocab_size.is_none() {
             return bad("data.tokenizer = \"train\" needs data.vocab_size".into());
         }
+        if self.data.tokenizer == "teacher" && self.teacher.source == Source::Train {
+            return bad(
+                "data.tokenizer = \"teacher\" needs a teacher loaded from teacher.source (not \"train\")"
+                    .into(),
+            );
+        }
         if self.teacher.source == Source::Train {
             let Some(t) = &self.teacher.train else {
                 return bad("teacher.source = \"train\" needs a [teacher.train] section".into());
@@ -661,6 +678,9 @@ impl RunConfig {
         if self.eval.every == 0 || self.checkpoint.every == 0 {
             return bad("eval.every and checkpoint.every must be positive".into());
         }
+        self.dist
+            .validate()
+            .map_err(|e| Error::Config(e.to_string()))?;
         Ok(())
     }
 }

@@ -1,7 +1,8 @@
 //! Training for cocomix: the objectives (NTP, KD, CoCoMix and the paper's ablations), AdamW
 //! with a warmup + cosine schedule and clipping, run folders with atomic checkpoints and
 //! exact resume, SAE training on a teacher's residual stream, the end-to-end main job and the
-//! comparison of objectives over seeds.
+//! comparison of objectives over seeds; data-parallel training over MPI or NCCL ranks
+//! ([`train_dist`], the `[dist]` config section).
 pub mod compare;
 mod config;
 pub mod optim;
@@ -9,10 +10,11 @@ pub mod pipeline;
 pub mod report;
 mod run;
 
+pub use cocomix_dist::{launcher_rank, Comm, DistConfig};
 pub use config::*;
 pub use run::{
-    default_device, label_permutation, list_checkpoints, read_metrics, train, validate, Labels,
-    StepMetrics, TrainOutcome, TrainSpec,
+    default_device, label_permutation, list_checkpoints, rank_device, read_metrics, train,
+    train_dist, validate, validate_dist, Labels, StepMetrics, TrainOutcome, TrainSpec,
 };
 
 use std::path::PathBuf;
@@ -32,6 +34,8 @@ pub enum Error {
     Data(#[from] cocomix_data::Error),
     #[error(transparent)]
     Attribution(#[from] cocomix_attribution::Error),
+    #[error(transparent)]
+    Dist(#[from] cocomix_dist::Error),
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
     #[error("invalid config: {0}")]

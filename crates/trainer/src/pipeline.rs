@@ -1,19 +1,49 @@
 //! The main job: corpus → teacher → SAE → label cache → NTP / KD / CoCoMix students →
 //! evaluation and a side-by-side report. Every stage reuses what an earlier run left.
+//!
+//! Under data parallelism every rank runs the job: rank 0 alone prepares the data and trains
+//! the SAE while the others wait, then they reuse its files (so the output folders must be on
+//! a filesystem all ranks share); the teacher, the label cache and the students are made by
+//! all ranks together; rank 0 writes every report.
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use cocomix_attribution::{LabelCache, LabelCacheSpec, LabelChoice, LabelMode};
 use cocomix_data::{Dataset, PrepareOptions, Tokenizer};
-use cocomix_model::{ConceptConfig, Gpt2, Gpt2Config, PauseConfig, StudentConfig};
+use cocomix_dist::Comm;
+use cocomix_model::{AnyModel, CausalLm, ConceptConfig, Gpt2Config, PauseConfig, StudentConfig};
 use cocomix_sae::{Sae, SaeTrainConfig, SaeTrainer};
 
 use crate::report::write_run_report;
-use crate::run::{train, Labels, TrainOutcome, TrainSpec};
+use crate::run::{train_dist, Labels, TrainOutcome, TrainSpec};
 use crate::{Arm, Error, LabelSource, Objective, Result, RunConfig, Source};
 
-fn stage(n: usize, what: &str) {
-    tracing::info!("[{n}/6] {what}");
+fn stage(n: usize, what: &str, comm: &Comm) {
+    comm.set_phase(format!("stage {n} ({what})"));
+    if comm.is_root() {
+        tracing::info!("[{n}/6] {what}");
+    }
+}
+
+/// Runs `f` on rank 0 first (it writes the files), then, once it is done, on the other
+/// ranks (which find and reuse them). An error on any rank stops all.
+fn rank0_first<T>(comm: &Comm, f: impl Fn() -> Result<T>) -> Result<T> {
+    let first = if comm.is_root() { Some(f()) } else { None };
+    // Untimed: rank 0's work may take hours (a corpus, an SAE).
+    comm.wait_for_all()?;
+    let second = match comm.agree(first.transpose())? {
+        Some(v) => Ok(v),
+        None => f(),
+    };
+    comm.agree(second)
+}
+
+/// Rank 0's answer to `question`, on every rank (so all ranks take the same branch even
+/// when a file appears in between).
+fn root_decides(comm: &Comm, question: impl FnOnce() -> bool) -> Result<bool> {
+    let mut b = [(comm.is_root() && question()) as u8];
+    comm.broadcast(&mut b, 0)?;
+    Ok(b[0] == 1)
 }
 
 /// Errors unless a finished run folder was made with the same config text (reusing a run
@@ -29,10 +59,53 @@ fn check_same_config(run_dir: &Path, config_text: &str) -> Result<()> {
     }
 }
 
-/// Stage 1: the prepared data folder (and its tokenizer).
-pub fn prepare_data(cfg: &RunConfig) -> Result<(Dataset, Tokenizer)> {
+/// The tokenizer a loaded teacher reads: its GGUF's own, its folder's or its hub repo's (the
+/// bundled GPT-2 one for a GPT-2 folder without one).
+pub fn teacher_tokenizer(source: &str) -> Result<Tokenizer> {
+    let dir = Path::new(source);
+    let own = if dir.is_dir() {
+        Tokenizer::from_dir(dir)?
+    } else {
+        None
+    };
+    Ok(match own {
+        Some(t) => t,
+        None if dir.is_dir() && source.contains("gpt2") => Tokenizer::gpt2()?,
+        None => Tokenizer::load(source)?,
+    })
+}
+
+/// Errors unless the teacher reads the data's tokens.
+fn check_teacher_tokenizer(cfg: &RunConfig, teacher: &Tokenizer, data: &Tokenizer) -> Result<()> {
+    if teacher.identity() == data.identity() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "the teacher {} uses another tokenizer ({} tokens) than the data in {} ({} tokens): \
+         set data.tokenizer = \"teacher\" (and a data.dir of its own)",
+        cfg.teacher.source,
+        teacher.vocab_size(),
+        cfg.data.dir.display(),
+        data.vocab_size()
+    )))
+}
+
+/// Stage 1: the prepared data folder (and its tokenizer). `teacher_tok` is the tokenizer of
+/// a loaded teacher, when the job uses one: `data.tokenizer = "teacher"` takes it, and any
+/// other tokenizer must equal it. A data folder prepared with another tokenizer is refused
+/// (naming its `meta.json`) before any tokenization.
+pub fn prepare_data(
+    cfg: &RunConfig,
+    teacher_tok: Option<&Tokenizer>,
+) -> Result<(Dataset, Tokenizer)> {
     let d = &cfg.data;
-    let tok = if d.tokenizer == "train" {
+    let tok = if d.tokenizer == "teacher" {
+        teacher_tok.cloned().ok_or_else(|| {
+            Error::Config(
+                "data.tokenizer = \"teacher\" needs a teacher loaded from teacher.source".into(),
+            )
+        })?
+    } else if d.tokenizer == "train" {
         // Reuse the tokenizer of an earlier preparation of the same sources.
         let reusable = Dataset::open(&d.dir).ok().and_then(|ds| {
             let same = cocomix_data::source_hashes(&d.inputs).ok()?
@@ -57,6 +130,12 @@ pub fn prepare_data(cfg: &RunConfig) -> Result<(Dataset, Tokenizer)> {
     } else {
         Tokenizer::load(&d.tokenizer)?
     };
+    if let Some(t) = teacher_tok {
+        check_teacher_tokenizer(cfg, t, &tok)?;
+    }
+    if let Ok(ds) = Dataset::open(&d.dir) {
+        ds.check_tokenizer(&tok)?;
+    }
     let opts = PrepareOptions {
         val_fraction: d.val_fraction,
         seed: d.split_seed,
@@ -109,9 +188,10 @@ pub fn student_config(
     s
 }
 
-/// The frozen teacher, its weights file (for hashing) and a name for metadata.
+/// The frozen teacher (GPT-2 or Llama-family), its weights file (for hashing) and a name for
+/// metadata.
 pub struct Teacher {
-    pub model: Gpt2,
+    pub model: Box<dyn CausalLm>,
     pub weights: PathBuf,
     pub name: String,
 }
@@ -122,6 +202,17 @@ pub fn load_or_train_teacher(
     data: &Dataset,
     tok: &Tokenizer,
     device: &Device,
+) -> Result<Teacher> {
+    load_or_train_teacher_dist(cfg, data, tok, device, &Comm::single())
+}
+
+/// [`load_or_train_teacher`] by the ranks of `comm` (a teacher to train is trained by all).
+pub fn load_or_train_teacher_dist(
+    cfg: &RunConfig,
+    data: &Dataset,
+    tok: &Tokenizer,
+    device: &Device,
+    comm: &Comm,
 ) -> Result<Teacher> {
     let root = cfg.run.out_dir.join(&cfg.run.name);
     let dir = if cfg.teacher.source == Source::Train {
@@ -164,14 +255,18 @@ pub fn load_or_train_teacher(
             optim: &optim,
         })
         .map_err(|e| Error::Other(e.to_string()))?;
-        if dir.join("final/model.safetensors").is_file() {
-            check_same_config(&dir, &identity)?;
-            tracing::info!(
-                "reusing the small teacher trained earlier in {}",
-                dir.display()
-            );
+        if root_decides(comm, || dir.join("final/model.safetensors").is_file())? {
+            comm.agree(check_same_config(&dir, &identity))?;
+            if comm.is_root() {
+                tracing::info!(
+                    "reusing the small teacher trained earlier in {}",
+                    dir.display()
+                );
+            }
         } else {
-            tracing::info!("no teacher given: training a small {}-layer, d={} teacher on the corpus (NOT GPT-2)", t.n_layer, t.d_model);
+            if comm.is_root() {
+                tracing::info!("no teacher given: training a small {}-layer, d={} teacher on the corpus (NOT GPT-2)", t.n_layer, t.d_model);
+            }
             let mut spec = base_spec(
                 cfg,
                 Objective::Ntp,
@@ -185,47 +280,50 @@ pub fn load_or_train_teacher(
                 true,
             );
             spec.config_text = identity;
-            let out = train(&spec)?;
-            write_run_report(&dir, &out)?;
+            let out = train_dist(&spec, comm)?;
+            if comm.is_root() {
+                write_run_report(&dir, &out)?;
+            }
         }
         dir.join("final")
     } else {
         PathBuf::from(cfg.teacher.source.to_string())
     };
     let spec = dir.to_string_lossy().to_string();
-    let model = Gpt2::load(&spec, device)?;
-    if cfg.teacher.layer >= model.cfg.n_layer {
+    // The teacher must read the data's tokens.
+    check_teacher_tokenizer(cfg, &teacher_tokenizer(&spec)?, tok)?;
+    let (model, weights) = load_teacher(&spec, device)?;
+    if cfg.teacher.layer >= model.n_layer() {
         return Err(Error::Config(format!(
             "teacher.layer {} is out of range: the teacher has {} blocks",
-            cfg.teacher.layer, model.cfg.n_layer
+            cfg.teacher.layer,
+            model.n_layer()
         )));
     }
-    // The teacher must read the data's tokens.
-    let teacher_tok = if dir.is_dir() {
-        Tokenizer::from_dir(&dir)?
-    } else {
-        None
-    };
-    let teacher_tok = match teacher_tok {
-        Some(t) => t,
-        None if cfg.teacher.source.to_string().contains("gpt2") => Tokenizer::gpt2()?,
-        None => Tokenizer::load(&cfg.teacher.source.to_string())?,
-    };
-    if teacher_tok.identity() != tok.identity() {
+    if tok.vocab_size() > model.vocab_size() || cfg.model.context > model.context() {
         return Err(Error::Config(format!(
-            "the teacher {} uses another tokenizer ({} tokens) than the data in {} ({} tokens)",
+            "the teacher {} ({} ids, context {}) cannot read the data's {} ids in windows of \
+             model.context = {}",
             cfg.teacher.source,
-            teacher_tok.vocab_size(),
-            cfg.data.dir.display(),
-            tok.vocab_size()
+            model.vocab_size(),
+            model.context(),
+            tok.vocab_size(),
+            cfg.model.context
         )));
     }
-    let (_, weights) = cocomix_model::gpt2::resolve_model_files(&spec)?;
     Ok(Teacher {
         model,
         weights,
         name: cfg.teacher.source.to_string(),
     })
+}
+
+/// A frozen teacher from a folder, hub id or `.gguf` file (GPT-2 or Llama-family; a CoCoMix
+/// student is refused) and the file that identifies its weights.
+pub fn load_teacher(spec: &str, device: &Device) -> Result<(Box<dyn CausalLm>, PathBuf)> {
+    let model = AnyModel::load(spec, device)?;
+    let weights = model.weights_file(spec)?;
+    Ok((model.into_teacher()?, weights))
 }
 
 /// What [`train_sae`] trains: the SAE's own settings and where its activations come from.
@@ -245,7 +343,7 @@ pub struct SaeJob {
 /// `job.batch_tokens` activations from the training shard; saves it to `out` with its
 /// metrics (`out` with the extension `.jsonl`) and `extra_meta`.
 pub fn train_sae(
-    teacher: &Gpt2,
+    teacher: &dyn CausalLm,
     data: &Dataset,
     job: SaeJob,
     out: &Path,
@@ -259,7 +357,7 @@ pub fn train_sae(
         context,
     } = job;
     let rows = (batch_tokens / context).max(1);
-    let d = teacher.cfg.n_embd;
+    let d = teacher.d_model();
     let seed = tcfg.seed ^ 0x5AE;
     let acts = |i: u64| -> Result<Tensor> {
         let ids = data.train_batch(rows, context, seed, i)?;
@@ -322,7 +420,10 @@ pub fn load_or_train_sae(
         let teacher_sha = cocomix_data::file_sha256(&teacher.weights)?;
         let path = cfg.run.out_dir.join(&cfg.run.name).join(format!(
             "sae/L{}-{}x{}-k{}.safetensors",
-            cfg.teacher.layer, teacher.model.cfg.n_embd, cfg.sae.n_latents, cfg.sae.k
+            cfg.teacher.layer,
+            teacher.model.d_model(),
+            cfg.sae.n_latents,
+            cfg.sae.k
         ));
         let reusable = Sae::load_file(&path, device).ok().filter(|_| {
             safetensors_meta(&path).is_some_and(|m| {
@@ -343,7 +444,7 @@ pub fn load_or_train_sae(
                     cfg.teacher.layer
                 );
                 let mut tcfg =
-                    SaeTrainConfig::new(teacher.model.cfg.n_embd, cfg.sae.n_latents, cfg.sae.k);
+                    SaeTrainConfig::new(teacher.model.d_model(), cfg.sae.n_latents, cfg.sae.k);
                 tcfg.lr = cfg.sae.lr;
                 tcfg.seed = cfg.run.seed;
                 tcfg.dead_after_tokens = tcfg
@@ -360,7 +461,7 @@ pub fn load_or_train_sae(
                     batch_tokens: cfg.sae.batch_tokens,
                     context: cfg.model.context,
                 };
-                let s = train_sae(&teacher.model, data, job, &path, &meta)?;
+                let s = train_sae(teacher.model.as_ref(), data, job, &path, &meta)?;
                 (s, path)
             }
         }
@@ -369,7 +470,7 @@ pub fn load_or_train_sae(
         (Sae::load(&spec, device)?, PathBuf::from(spec))
     };
     sae.check_input_width(
-        teacher.model.cfg.n_embd,
+        teacher.model.d_model(),
         &format!("teacher {} at layer {}", teacher.name, cfg.teacher.layer),
     )?;
     if sae.n_latents() != cfg.sae.n_latents {
@@ -423,7 +524,7 @@ fn base_spec<'a>(
     data: &'a Dataset,
     run_dir: PathBuf,
     device: &Device,
-    teacher: Option<&'a Gpt2>,
+    teacher: Option<&'a dyn CausalLm>,
     labels: Option<Labels<'a>>,
     resume: bool,
 ) -> TrainSpec<'a> {
@@ -460,32 +561,44 @@ pub struct Shared {
     pub sae: Option<(Sae, PathBuf)>,
     /// One label cache per label mode the arms use (with `concept.labels = "cache"`).
     pub caches: Vec<(LabelMode, LabelCache)>,
+    /// The ranks that train the students.
+    pub comm: Comm,
 }
 
 impl Shared {
-    /// Prepares the data, then the teacher, SAE and label cache if any of `arms` needs them.
-    pub fn prepare(cfg: &RunConfig, arms: &[Arm], device: &Device) -> Result<Self> {
-        stage(1, "data");
-        let (data, tok) = prepare_data(cfg)?;
+    /// Prepares the data, then the teacher, SAE and label cache if any of `arms` needs them,
+    /// with the ranks of `comm`.
+    pub fn prepare(cfg: &RunConfig, arms: &[Arm], device: &Device, comm: &Comm) -> Result<Self> {
         let needs_teacher = arms.iter().any(|a| a.objective.needs_teacher());
         let needs_labels = arms.iter().any(|a| a.objective.needs_labels());
+        // A loaded teacher's tokenizer is known before any work: the data must use it.
+        let teacher_tok = match &cfg.teacher.source {
+            Source::Load(s) if needs_teacher || cfg.data.tokenizer == "teacher" => {
+                Some(teacher_tokenizer(s)?)
+            }
+            _ => None,
+        };
+        stage(1, "data", comm);
+        let (data, tok) = rank0_first(comm, || prepare_data(cfg, teacher_tok.as_ref()))?;
         let teacher = if needs_teacher {
-            stage(2, "teacher");
-            Some(load_or_train_teacher(cfg, &data, &tok, device)?)
+            stage(2, "teacher", comm);
+            Some(load_or_train_teacher_dist(cfg, &data, &tok, device, comm)?)
         } else {
             None
         };
         let sae = match &teacher {
             Some(t) if needs_labels => {
-                stage(3, "SAE");
-                Some(load_or_train_sae(cfg, t, &data, device)?)
+                stage(3, "SAE", comm);
+                Some(rank0_first(comm, || {
+                    load_or_train_sae(cfg, t, &data, device)
+                })?)
             }
             _ => None,
         };
         let mut caches = Vec::new();
         if let (Some(t), Some((s, _))) = (&teacher, &sae) {
             if cfg.concept.labels == LabelSource::Cache {
-                stage(4, "label cache");
+                stage(4, "label cache", comm);
                 let mut modes: Vec<LabelMode> = arms
                     .iter()
                     .filter(|a| a.objective.needs_labels())
@@ -497,13 +610,14 @@ impl Shared {
                     let mut spec = cache_spec(cfg, t, s, &data)?;
                     spec.mode = mode;
                     let dir = LabelCache::path_for(&cfg.data.dir, &spec);
-                    let cache = LabelCache::build(
-                        &t.model,
+                    let cache = LabelCache::build_dist(
+                        t.model.as_ref(),
                         s,
                         &spec,
                         &data.train,
                         &dir,
                         (cfg.optim.batch_size / cfg.optim.grad_accum).max(1),
+                        comm,
                     )?;
                     caches.push((mode, cache));
                 }
@@ -515,7 +629,16 @@ impl Shared {
             teacher,
             sae,
             caches,
+            comm: comm.clone(),
         })
+    }
+
+    /// The students' vocabulary: the teacher's (its logits are the KD targets; a Llama's may
+    /// be padded beyond its tokenizer), else the tokenizer's.
+    pub fn vocab_size(&self) -> usize {
+        self.teacher
+            .as_ref()
+            .map_or(self.tok.vocab_size(), |t| t.model.vocab_size())
     }
 
     /// A sentence naming the teacher and SAE, for reports.
@@ -553,20 +676,31 @@ pub fn train_student(
     seed: u64,
     device: &Device,
 ) -> Result<(TrainOutcome, PathBuf)> {
+    let comm = &shared.comm;
     let rcfg = cfg.for_run(arm, seed);
     let dir = run_dir(cfg, arm, seed);
     // A run folder (finished or interrupted) is reused only for the very same config.
-    check_same_config(&dir, &rcfg.to_toml())?;
-    if let Ok(text) = std::fs::read_to_string(dir.join("report.json")) {
-        if let Ok(o) = serde_json::from_str::<TrainOutcome>(&text) {
-            if !o.stopped_early && dir.join("final/model.safetensors").is_file() {
-                tracing::info!(
-                    "{arm} seed {seed}: reusing the finished run in {}",
-                    dir.display()
-                );
-                return Ok((o, dir));
-            }
+    comm.agree(check_same_config(&dir, &rcfg.to_toml()))?;
+    let finished = || -> Option<TrainOutcome> {
+        let text = std::fs::read_to_string(dir.join("report.json")).ok()?;
+        let o = serde_json::from_str::<TrainOutcome>(&text).ok()?;
+        (!o.stopped_early && dir.join("final/model.safetensors").is_file()).then_some(o)
+    };
+    if root_decides(comm, || finished().is_some())? {
+        let o = comm.agree(finished().ok_or_else(|| {
+            Error::file(
+                dir.join("report.json"),
+                "rank 0 reads a finished run here but this rank does not: \
+                 the output folder must be on a filesystem all ranks share",
+            )
+        }))?;
+        if comm.is_root() {
+            tracing::info!(
+                "{arm} seed {seed}: reusing the finished run in {}",
+                dir.display()
+            );
         }
+        return Ok((o, dir));
     }
     let objective = arm.objective;
     let mode = arm.label_mode(&cfg.concept);
@@ -587,12 +721,12 @@ pub fn train_student(
     let student = student_config(
         cfg,
         objective,
-        shared.tok.vocab_size(),
+        shared.vocab_size(),
         shared.tok.eot_id(),
         n_latents,
     );
     // A run folder with checkpoints is an interrupted run of this job: continue it.
-    let resume = dir.join("checkpoints").is_dir();
+    let resume = root_decides(comm, || dir.join("checkpoints").is_dir())?;
     let mut spec = base_spec(
         &rcfg,
         objective,
@@ -601,40 +735,50 @@ pub fn train_student(
         &shared.data,
         dir.clone(),
         device,
-        shared.teacher.as_ref().map(|t| &t.model),
+        shared.teacher.as_ref().map(|t| t.model.as_ref()),
         labels,
         resume,
     );
     // With label caches, every student samples their aligned windows: the same batches for
     // all (caches of one job cover the same windows).
     spec.aligned_windows = shared.caches.first().map(|c| c.1.n_windows());
-    let out = train(&spec)?;
-    write_run_report(&dir, &out)?;
-    tracing::info!(
-        "{arm} seed {seed}: val loss {:.4} (PPL {:.2}), {:.0} tokens/s",
-        out.val_loss,
-        out.val_ppl,
-        out.tokens_per_s
-    );
+    let out = train_dist(&spec, comm)?;
+    if comm.is_root() {
+        write_run_report(&dir, &out)?;
+        tracing::info!(
+            "{arm} seed {seed}: val loss {:.4} (PPL {:.2}), {:.0} tokens/s",
+            out.val_loss,
+            out.val_ppl,
+            out.tokens_per_s
+        );
+    }
     Ok((out, dir))
 }
 
 /// Runs the whole method as the config says (every objective of `run.objectives` for each
-/// of `run.seeds` seeds) and returns the folder holding the comparison (`compare.md`).
-pub fn run_main_job(cfg: &RunConfig, device: &Device) -> Result<PathBuf> {
+/// of `run.seeds` seeds) with the ranks of `comm`, and returns the folder holding the
+/// comparison (`compare.md`, written by rank 0).
+pub fn run_main_job(cfg: &RunConfig, device: &Device, comm: &Comm) -> Result<PathBuf> {
     let root = cfg.run.out_dir.join(&cfg.run.name);
-    std::fs::create_dir_all(&root).map_err(|e| Error::file(&root, e))?;
-    cocomix_data::write_atomic(&root.join("config.toml"), cfg.to_toml().as_bytes())?;
-    let shared = Shared::prepare(cfg, &cfg.run.objectives, device)?;
-    stage(5, "students");
+    if comm.is_root() {
+        std::fs::create_dir_all(&root).map_err(|e| Error::file(&root, e))?;
+        cocomix_data::write_atomic(&root.join("config.toml"), cfg.to_toml().as_bytes())?;
+    }
+    let shared = Shared::prepare(cfg, &cfg.run.objectives, device, comm)?;
+    stage(5, "students", comm);
     let mut runs = Vec::new();
     for seed in cfg.seeds() {
         for &arm in &cfg.run.objectives {
             let (out, dir) = train_student(cfg, &shared, arm, seed, device)?;
-            runs.push(crate::compare::RunRecord::read(arm, seed, out, &dir)?);
+            if comm.is_root() {
+                runs.push(crate::compare::RunRecord::read(arm, seed, out, &dir)?);
+            }
         }
     }
-    stage(6, "report");
+    stage(6, "report", comm);
+    if !comm.is_root() {
+        return Ok(root);
+    }
     let notes = format!(
         "Every student: {} steps × {} sequences × {} tokens from {}; the objectives of one seed \
          see the same batches. {}",

@@ -12,15 +12,25 @@
 //! records the sha256 of the weight files, so a truncated checkpoint is detected on resume
 //! and the previous one is used. Batches and dropout masks are pure functions of
 //! `(seed, step)`, so a resumed run reproduces the uninterrupted one.
+//!
+//! Data parallel ([`train_dist`]): every rank holds the whole model and takes a contiguous
+//! slice of the rows of every micro-batch of the global batch (`optim.batch_size` stays the
+//! global batch), with the dropout masks of those global rows; its loss is weighted by its
+//! share of the rows, and the gradients are summed over ranks in bucketed flat all-reduces
+//! after the backward of the last micro-batch (Candle has no backward hooks to overlap
+//! them with). Clipping then sees the global gradient, and every rank makes the same AdamW
+//! update. Rank 0 alone writes the run folder; validation blocks are split across ranks.
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use cocomix_attribution::{attribute, labels, LabelCache, LabelMode};
 use cocomix_data::Dataset;
+use cocomix_dist::{Comm, ReduceOp};
 use cocomix_model::ops::{concept_loss, cross_entropy, kd_kl};
-use cocomix_model::{Dropout, Gpt2, Student, StudentConfig};
+use cocomix_model::{CausalLm, Dropout, Student, StudentConfig};
 use cocomix_sae::Sae;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -49,7 +59,7 @@ pub struct TrainSpec<'a> {
     pub run_dir: PathBuf,
     pub seed: u64,
     /// Frozen teacher (KD, and CoCoMix with online labels).
-    pub teacher: Option<&'a Gpt2>,
+    pub teacher: Option<&'a dyn CausalLm>,
     pub labels: Option<Labels<'a>>,
     /// Sample aligned windows `w·T` with `w < n` (the label cache's windows) for every
     /// objective, so students compared with a cached CoCoMix run see the same batches.
@@ -185,6 +195,19 @@ pub fn validate(
     max_blocks: usize,
     batch: usize,
 ) -> Result<f64> {
+    validate_dist(student, data, context, max_blocks, batch, &Comm::single())
+}
+
+/// [`validate`] with the blocks split across the ranks of `comm` (each scores its share,
+/// the loss sums are all-reduced): every rank returns the mean over all blocks.
+pub fn validate_dist(
+    student: &Student,
+    data: &Dataset,
+    context: usize,
+    max_blocks: usize,
+    batch: usize,
+    comm: &Comm,
+) -> Result<f64> {
     let starts: Vec<usize> = data
         .val_block_starts(context)
         .into_iter()
@@ -197,7 +220,7 @@ pub fn validate(
         ));
     }
     let (mut sum, mut n) = (0f64, 0usize);
-    for chunk in starts.chunks(batch.max(1)) {
+    for chunk in starts[comm.share(starts.len())].chunks(batch.max(1)) {
         let mut ids = Vec::with_capacity(chunk.len() * (context + 1));
         for &s in chunk {
             data.val.read_into(s, context + 1, &mut ids);
@@ -210,7 +233,9 @@ pub fn validate(
         sum += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
         n += chunk.len();
     }
-    Ok(sum / n as f64)
+    let mut acc = [sum, n as f64];
+    comm.all_reduce_f64(&mut acc, ReduceOp::Sum)?;
+    Ok(acc[0] / acc[1])
 }
 
 struct Batch {
@@ -239,15 +264,16 @@ fn fnv1a(ids: &[u32], mut h: u64) -> u64 {
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
-/// The rows of micro-batch `micro` of step `step`: a pure function of `(seed, step, micro)`
-/// and the data, the same for every objective. With aligned windows (a label cache), rows are
-/// whole cached windows; otherwise windows at random offsets. `perm` maps concept ids (the
-/// random-labels ablation).
+/// Rows `part` of the `rows` rows of micro-batch `micro` of step `step`: a pure function of
+/// `(seed, step, micro)` and the data, the same for every objective. With aligned windows
+/// (a label cache), rows are whole cached windows; otherwise windows at random offsets.
+/// `perm` maps concept ids (the random-labels ablation). The hash covers all `rows` rows.
 fn make_batch(
     spec: &TrainSpec,
     step: u64,
     micro: u64,
     rows: usize,
+    part: Range<usize>,
     perm: Option<&[u32]>,
 ) -> Result<Batch> {
     let t = spec.student.gpt2.n_positions;
@@ -262,10 +288,10 @@ fn make_batch(
         Some(n_windows) => {
             let mut rng = batch_rng(spec.seed, index);
             let (mut ids, mut lab) = (Vec::new(), Vec::new());
-            for _ in 0..rows {
+            for r in 0..rows {
                 let w = rng.random_range(0..n_windows);
                 spec.data.train.read_into(w * t, t + 1, &mut ids);
-                if let Some(c) = cache {
+                if let Some(c) = cache.filter(|_| part.contains(&r)) {
                     lab.extend(c.window_labels(w));
                 }
             }
@@ -274,7 +300,9 @@ fn make_batch(
         None => (spec.data.train_batch(rows, t, spec.seed, index)?, None),
     };
     let hash = fnv1a(&ids, FNV_OFFSET);
-    let ids = Tensor::from_vec(ids, (rows, t + 1), dev)?;
+    let mine = ids[part.start * (t + 1)..part.end * (t + 1)].to_vec();
+    let rows = part.len();
+    let ids = Tensor::from_vec(mine, (rows, t + 1), dev)?;
     let (x, y) = (
         ids.narrow(1, 0, t)?.contiguous()?,
         ids.narrow(1, 1, t)?.contiguous()?,
@@ -323,7 +351,7 @@ fn losses(spec: &TrainSpec, student: &Student, b: &Batch, dropout: &mut Dropout)
         let teacher = spec
             .teacher
             .ok_or_else(|| Error::Other("KD needs a teacher".into()))?;
-        let tl = teacher.forward(&b.x)?;
+        let tl = teacher.logits(&b.x)?;
         let (a, tau) = (spec.kd.alpha, spec.kd.tau);
         let kl = kd_kl(&out.logits, &tl, tau)?;
         return Ok(Losses {
@@ -387,29 +415,60 @@ struct RunState {
     best_val: Option<f64>,
     /// The checkpoint step this process continued from.
     resumed_from: Option<u64>,
+    /// sha256 of the checkpoint's model and optimizer files, as its `state.json` records.
+    checksums: Option<(String, String)>,
 }
 
 impl RunState {
     /// Continues from the newest valid checkpoint of the run folder when asked (a corrupt
     /// one is skipped for the one before), else starts fresh (and clears old metrics).
-    fn resume_or_init(spec: &TrainSpec, metrics_path: &Path) -> Result<Self> {
+    /// Rank 0 chooses the checkpoint; every rank loads that one and checks its checksums,
+    /// and all fail together when one cannot.
+    fn resume_or_init(spec: &TrainSpec, metrics_path: &Path, comm: &Comm) -> Result<Self> {
+        let chosen = if comm.is_root() && spec.resume {
+            list_checkpoints(&spec.run_dir)
+                .into_iter()
+                .find_map(|(step, dir)| match read_valid_checkpoint(&dir) {
+                    Ok(_) => Some(step),
+                    Err(e) => {
+                        tracing::warn!("skipping checkpoint: {e}");
+                        None
+                    }
+                })
+        } else {
+            None
+        };
+        let mut step = chosen.unwrap_or(u64::MAX).to_le_bytes();
+        comm.broadcast(&mut step, 0)?;
+        let chosen = Some(u64::from_le_bytes(step)).filter(|&s| s != u64::MAX);
+        let state = comm.agree(Self::load_or_new(
+            spec,
+            metrics_path,
+            chosen,
+            comm.is_root(),
+        ))?;
+        if chosen.is_none() && spec.resume && comm.is_root() {
+            tracing::info!(
+                "{}: no valid checkpoint, starting fresh",
+                spec.run_dir.display()
+            );
+        }
+        Ok(state)
+    }
+
+    /// The state of checkpoint `step` of the run folder, or a fresh one; `writer` (rank 0)
+    /// also trims or clears `metrics.jsonl` to match.
+    fn load_or_new(
+        spec: &TrainSpec,
+        metrics_path: &Path,
+        step: Option<u64>,
+        writer: bool,
+    ) -> Result<Self> {
         let o = &spec.optim;
-        let valid = spec
-            .resume
-            .then(|| {
-                list_checkpoints(&spec.run_dir)
-                    .into_iter()
-                    .find_map(|(_, dir)| match read_valid_checkpoint(&dir) {
-                        Ok(st) => Some((st, dir)),
-                        Err(e) => {
-                            tracing::warn!("skipping checkpoint: {e}");
-                            None
-                        }
-                    })
-            })
-            .flatten();
-        let mut state = match valid {
-            Some((st, dir)) => {
+        let mut state = match step {
+            Some(step) => {
+                let dir = step_dir(&spec.run_dir, step);
+                let st = read_valid_checkpoint(&dir)?;
                 let student = Student::load(&dir, &spec.device)?;
                 if student.cfg != spec.student {
                     return Err(Error::file(
@@ -419,8 +478,10 @@ impl RunState {
                 }
                 let mut opt = AdamW::new(student.vars(), o)?;
                 opt.load_state(&dir.join("optim.safetensors"), st.step)?;
-                truncate_metrics(metrics_path, st.step)?;
-                tracing::info!("resuming {} at step {}", spec.run_dir.display(), st.step);
+                if writer {
+                    truncate_metrics(metrics_path, st.step)?;
+                    tracing::info!("resuming {} at step {}", spec.run_dir.display(), st.step);
+                }
                 Self {
                     student,
                     opt,
@@ -430,16 +491,13 @@ impl RunState {
                     train_s: st.train_s,
                     best_val: st.best_val,
                     resumed_from: Some(st.step),
+                    checksums: Some((st.model_sha256, st.optim_sha256)),
                 }
             }
             None => {
-                if spec.resume {
-                    tracing::info!(
-                        "{}: no valid checkpoint, starting fresh",
-                        spec.run_dir.display()
-                    );
+                if writer {
+                    let _ = std::fs::remove_file(metrics_path);
                 }
-                let _ = std::fs::remove_file(metrics_path);
                 let student = Student::new(&spec.student, spec.seed, &spec.device)?;
                 let opt = AdamW::new(student.vars(), o)?;
                 Self {
@@ -451,6 +509,7 @@ impl RunState {
                     train_s: 0.0,
                     best_val: None,
                     resumed_from: None,
+                    checksums: None,
                 }
             }
         };
@@ -506,35 +565,40 @@ struct StepLosses {
     batch_hash: u64,
 }
 
-/// Forward and backward of every micro-batch of optimizer step `step`: the gradients summed
-/// over micro-batches (each loss divided by their number) and the summed losses.
+/// Forward and backward of every micro-batch of optimizer step `step` on this rank's rows:
+/// the gradients summed over micro-batches and ranks (each loss divided by the number of
+/// micro-batches and weighted by the rank's share of the rows) and the summed losses.
 fn accumulate(
     spec: &TrainSpec,
     student: &Student,
     step: u64,
     perm: Option<&[u32]>,
     last_good: Option<&Path>,
+    comm: &Comm,
 ) -> Result<(Vec<Tensor>, StepLosses)> {
     let o = &spec.optim;
     let rows = o.batch_size / o.grad_accum;
+    let part = comm.share(rows);
+    // This rank's share of the global batch's mean losses (1 on a single process, exact).
+    let weight = part.len() as f64 / rows as f64;
     let mut acc: Option<Vec<Tensor>> = None;
     let mut sums = StepLosses::default();
     for micro in 0..o.grad_accum as u64 {
         let index = step * o.grad_accum as u64 + micro;
-        let b = make_batch(spec, step, micro, rows, perm)?;
+        let b = make_batch(spec, step, micro, rows, part.clone(), perm)?;
         sums.batch_hash = b.hash ^ sums.batch_hash.rotate_left(7);
-        let mut dropout = Dropout::seeded(spec.seed ^ index.wrapping_mul(0xD129_0A5B_3C31_4F6B));
+        let mut dropout = Dropout::seeded(spec.seed ^ index.wrapping_mul(0xD129_0A5B_3C31_4F6B))
+            .with_row_offset(part.start as u64);
         let l = losses(spec, student, &b, &mut dropout)?;
-        let lt = l.total.to_scalar::<f32>()? as f64;
-        if !lt.is_finite() {
-            let keep = last_good.map_or("none yet".to_string(), |p| p.display().to_string());
-            return Err(Error::Other(format!(
-                "step {step}: the loss is {lt}; stopping. Last good checkpoint: {keep}"
-            )));
-        }
+        let lt = l.total.to_scalar::<f32>()? as f64 * weight;
+        let total = if part.len() == rows {
+            l.total
+        } else {
+            (l.total * weight)?
+        };
         // Gradients are built from tracked ops: detach them, or each would keep its step's
         // whole graph alive through the optimizer moments.
-        let grads = (l.total / o.grad_accum as f64)?.backward()?;
+        let grads = (total / o.grad_accum as f64)?.backward()?;
         let gs: Vec<Tensor> = student
             .vars()
             .iter()
@@ -553,16 +617,35 @@ fn accumulate(
                 .map(|(x, y)| x + y)
                 .collect::<candle_core::Result<_>>()?,
         });
-        sums.ntp += l.ntp;
+        sums.ntp += l.ntp * weight;
         sums.total += lt;
         if let Some(c) = l.concept {
-            *sums.concept.get_or_insert(0.0) += c;
+            *sums.concept.get_or_insert(0.0) += c * weight;
         }
         if let Some(k) = l.kd {
-            *sums.kd.get_or_insert(0.0) += k;
+            *sums.kd.get_or_insert(0.0) += k * weight;
         }
     }
-    Ok((acc.expect("grad_accum ≥ 1"), sums))
+    let grads = comm.all_reduce_tensors(&acc.expect("grad_accum ≥ 1"), ReduceOp::Sum)?;
+    let mut l = [
+        sums.ntp,
+        sums.total,
+        sums.concept.unwrap_or(0.0),
+        sums.kd.unwrap_or(0.0),
+    ];
+    comm.all_reduce_f64(&mut l, ReduceOp::Sum)?;
+    sums.ntp = l[0];
+    sums.total = l[1];
+    sums.concept = sums.concept.map(|_| l[2]);
+    sums.kd = sums.kd.map(|_| l[3]);
+    if !sums.total.is_finite() {
+        let keep = last_good.map_or("none yet".to_string(), |p| p.display().to_string());
+        return Err(Error::Other(format!(
+            "step {step}: the loss is {}; stopping. Last good checkpoint: {keep}",
+            sums.total
+        )));
+    }
+    Ok((grads, sums))
 }
 
 /// `metrics.jsonl`, appended and flushed line by line (a killed run loses no finished step).
@@ -593,30 +676,147 @@ impl MetricsLog {
 
 /// Trains a student as `spec` says; returns the outcome and writes the run folder.
 pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
+    train_dist(spec, &Comm::single())
+}
+
+fn digest(parts: &[&[u8]]) -> String {
+    let hexes: Vec<String> = parts.iter().map(|p| cocomix_data::sha256_hex(p)).collect();
+    cocomix_data::sha256_hex(hexes.concat().as_bytes())
+}
+
+fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let v: Vec<f32> = t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+
+/// Refuses to train unless every rank has the same settings, data, teacher / labels and
+/// starting point (checkpoint and weights).
+fn check_ranks_agree(spec: &TrainSpec, st: &RunState, comm: &Comm) -> Result<()> {
+    let json = |v: serde_json::Value| v.to_string().into_bytes();
+    let settings = json(serde_json::json!({
+        "objective": spec.objective,
+        "student": spec.student,
+        "optim": spec.optim,
+        "concept": spec.concept,
+        "kd": spec.kd,
+        "seed": spec.seed,
+        "aligned_windows": spec.aligned_windows,
+        "eval_every": spec.eval_every,
+        "max_val_blocks": spec.max_val_blocks,
+        "checkpoint_every": spec.checkpoint_every,
+        "keep_last": spec.keep_last,
+        "stop_after": spec.stop_after,
+        "config": spec.config_text,
+    }));
+    comm.check_same("config", &digest(&[&settings]))?;
+    let data = json(serde_json::json!({
+        "meta": spec.data.meta(),
+        "train_tokens": spec.data.train.len(),
+        "val_tokens": spec.data.val.len(),
+    }));
+    comm.check_same("data", &digest(&[&data]))?;
+    let teacher = match spec.teacher {
+        Some(t) => {
+            // A GPT-2 or Llama teacher exposes no weights: its shape and its logits on a fixed
+            // probe of (at most) 8 ids stand for them.
+            let probe = (0..t.vocab_size().min(8) as u32).collect::<Vec<_>>();
+            let probe = Tensor::new(probe.as_slice(), t.device())?.unsqueeze(0)?;
+            let shape = serde_json::json!({
+                "d_model": t.d_model(),
+                "n_layer": t.n_layer(),
+                "vocab_size": t.vocab_size(),
+                "context": t.context(),
+            });
+            digest(&[&json(shape), &tensor_bytes(&t.logits(&probe)?)?])
+        }
+        None => "none".into(),
+    };
+    comm.check_same("teacher", &teacher)?;
+    let labels = match &spec.labels {
+        Some(Labels::Cache(c)) => digest(&[&json(serde_json::json!(c.meta()))]),
+        Some(Labels::Online { sae, layer, mode }) => {
+            let p = sae.parts();
+            let rule = format!("{:?} {:?} {}", p.activation, p.input_norm, p.b_dec_on_input);
+            digest(&[
+                &json(serde_json::json!({"layer": layer, "mode": mode, "rule": rule})),
+                &tensor_bytes(&p.w_enc)?,
+                &tensor_bytes(&p.b_enc)?,
+                &tensor_bytes(&p.w_dec)?,
+                &tensor_bytes(&p.b_dec)?,
+            ])
+        }
+        None => "none".into(),
+    };
+    comm.check_same("concept labels", &labels)?;
+    let start = match &st.checksums {
+        Some((m, o)) => format!("step {} (model {m}, optimizer {o})", st.step),
+        None => "a fresh start".into(),
+    };
+    comm.check_same("starting checkpoint", &start)?;
+    let mut weights = Vec::new();
+    for (_, v) in st.student.vars() {
+        weights.push(tensor_bytes(v.as_tensor())?);
+    }
+    let weights: Vec<&[u8]> = weights.iter().map(|w| w.as_slice()).collect();
+    comm.check_same("initial weights", &digest(&weights))?;
+    Ok(())
+}
+
+/// [`train`] as one rank of the data-parallel job of `comm`: each rank takes its slice of
+/// every micro-batch, gradients and losses are summed over ranks, and rank 0 alone writes
+/// the run folder (metrics, checkpoints, `best/`, `final/`). Every rank returns the same
+/// outcome. A world of N gives the single process's losses up to float summation order.
+pub fn train_dist(spec: &TrainSpec, comm: &Comm) -> Result<TrainOutcome> {
     let run_dir = &spec.run_dir;
-    std::fs::create_dir_all(run_dir.join("checkpoints")).map_err(|e| Error::file(run_dir, e))?;
-    cocomix_data::write_atomic(&run_dir.join("config.toml"), spec.config_text.as_bytes())?;
+    let writer = comm.is_root();
     let metrics_path = run_dir.join("metrics.jsonl");
     let o = &spec.optim;
     let t = spec.student.gpt2.n_positions;
     let rows = o.batch_size / o.grad_accum;
+    if rows < comm.world() {
+        return Err(Error::Config(format!(
+            "optim.batch_size / optim.grad_accum = {rows} rows per micro-batch cannot be \
+             split over {} ranks: use a larger batch, fewer micro-batches or fewer ranks",
+            comm.world()
+        )));
+    }
+    if writer {
+        std::fs::create_dir_all(run_dir.join("checkpoints"))
+            .map_err(|e| Error::file(run_dir, e))?;
+        cocomix_data::write_atomic(&run_dir.join("config.toml"), spec.config_text.as_bytes())?;
+    }
 
-    let mut st = RunState::resume_or_init(spec, &metrics_path)?;
+    comm.set_phase(format!("the start of {}", run_dir.display()));
+    let mut st = RunState::resume_or_init(spec, &metrics_path, comm)?;
+    if comm.world() > 1 {
+        check_ranks_agree(spec, &st, comm)?;
+    }
     let perm = match (spec.objective, &spec.student.concept) {
         (Objective::RandomLabels, Some(c)) => Some(label_permutation(c.concept_dim)),
         _ => None,
     };
     let params: usize = st.student.vars().iter().map(|(_, v)| v.elem_count()).sum();
-    let mut log = MetricsLog::open(&metrics_path)?;
+    let mut log = if writer {
+        Some(MetricsLog::open(&metrics_path)?)
+    } else {
+        None
+    };
     let began = Instant::now();
     let wall = |st: &RunState| st.wall_s + began.elapsed().as_secs_f64();
-    let bar =
-        cocomix_data::progress_bar(o.steps, &spec.objective.to_string()).with_position(st.step);
+    let bar = if writer {
+        cocomix_data::progress_bar(o.steps, &spec.objective.to_string()).with_position(st.step)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let mut last_val = None;
     let mut stopped_early = false;
     let mut last_good = list_checkpoints(run_dir).first().map(|c| c.1.clone());
 
     while st.step < o.steps {
+        comm.set_phase(format!("step {} of {}", st.step + 1, run_dir.display()));
         let t0 = Instant::now();
         let lr = lr_at(o, st.step);
         let (grads, sums) = accumulate(
@@ -625,6 +825,7 @@ pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
             st.step,
             perm.as_deref(),
             last_good.as_deref(),
+            comm,
         )?;
         let grad_norm = st.opt.clip_and_update(&grads, lr, o.clip)?;
         let step_s = t0.elapsed().as_secs_f64();
@@ -649,16 +850,20 @@ pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
             ..Default::default()
         };
         if st.step % spec.eval_every == 0 || st.step == o.steps {
-            let vl = validate(&st.student, spec.data, t, spec.max_val_blocks, rows)?;
+            let vl = validate_dist(&st.student, spec.data, t, spec.max_val_blocks, rows, comm)?;
             m.val_loss = Some(vl);
             m.val_ppl = Some(vl.exp());
             last_val = Some(vl);
             if st.best_val.is_none_or(|b| vl < b) {
                 st.best_val = Some(vl);
-                save_model_dir(&st.student, spec.data, &run_dir.join("best"))?;
+                if writer {
+                    save_model_dir(&st.student, spec.data, &run_dir.join("best"))?;
+                }
             }
         }
-        log.append(&m)?;
+        if let Some(log) = log.as_mut() {
+            log.append(&m)?;
+        }
         bar.set_position(st.step);
         bar.set_message(format!(
             "loss {:.3}{} {:.0} tok/s",
@@ -669,7 +874,7 @@ pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
                 .unwrap_or_default(),
             m.tokens_per_s
         ));
-        if st.step % spec.checkpoint_every == 0 || st.step == o.steps {
+        if writer && (st.step % spec.checkpoint_every == 0 || st.step == o.steps) {
             last_good = Some(st.checkpoint(spec, wall(&st))?);
         }
         if spec.stop_after == Some(st.step) && st.step < o.steps {
@@ -679,12 +884,17 @@ pub fn train(spec: &TrainSpec) -> Result<TrainOutcome> {
     }
     bar.finish_and_clear();
     let final_dir = run_dir.join("final");
-    if !stopped_early {
-        save_model_dir(&st.student, spec.data, &final_dir)?;
-    }
+    let saved = if writer && !stopped_early {
+        save_model_dir(&st.student, spec.data, &final_dir)
+    } else {
+        Ok(())
+    };
+    // The other ranks may read `final/` next (a teacher): they wait for rank 0's writes.
+    comm.wait_for_all()?;
+    comm.agree(saved)?;
     let val_loss = match last_val {
         Some(v) => v,
-        None => validate(&st.student, spec.data, t, spec.max_val_blocks, rows)?,
+        None => validate_dist(&st.student, spec.data, t, spec.max_val_blocks, rows, comm)?,
     };
     Ok(TrainOutcome {
         objective: spec.objective,
@@ -721,6 +931,18 @@ pub fn read_metrics(run_dir: &Path) -> Result<Vec<StepMetrics>> {
     text.lines()
         .map(|l| serde_json::from_str(l).map_err(|e| Error::file(&p, e)))
         .collect()
+}
+
+/// The device of this rank: with CUDA, the GPU of its local rank (one process per GPU);
+/// otherwise [`default_device`].
+pub fn rank_device(comm: &Comm) -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    return Ok(Device::new_cuda(comm.local_rank())?);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = comm;
+        default_device()
+    }
 }
 
 /// The default device of this build: CUDA or Metal when compiled with that feature, else CPU.

@@ -304,6 +304,9 @@ fn a_tiny_job_over_two_seeds() {
         "sae.k=4",
         "sae.steps=3",
         "sae.batch_tokens=64",
+        "teacher.source=\"train\"",
+        "sae.source=\"train\"",
+        "data.tokenizer=\"train\"",
         "teacher.layer=0",
         "teacher.train.n_layer=2",
         "teacher.train.d_model=16",
@@ -334,7 +337,9 @@ fn a_tiny_job_over_two_seeds() {
         dir.path().join("corpus2.txt").display()
     ));
     let cfg = RunConfig::from_toml(DEFAULT, &o).unwrap();
-    let root = cocomix_trainer::pipeline::run_main_job(&cfg, &DEV).unwrap();
+    let root =
+        cocomix_trainer::pipeline::run_main_job(&cfg, &DEV, &cocomix_trainer::Comm::single())
+            .unwrap();
     let metrics =
         |arm: &str, seed: u64| read_metrics(&root.join(arm).join(format!("seed-{seed}"))).unwrap();
     let hashes = |arm: &str, seed: u64| -> Vec<Option<String>> {

@@ -274,7 +274,7 @@ fn spec<'a>(
     vocab: usize,
     run: &Path,
     objective: Objective,
-    teacher: Option<&'a Gpt2>,
+    teacher: Option<&'a dyn cocomix_model::CausalLm>,
     labels: Option<Labels<'a>>,
 ) -> TrainSpec<'a> {
     let c = cfg(&[
@@ -462,11 +462,11 @@ fn bad_configs_are_errors_before_any_work() {
     assert!(e(&["optim.lrr=1"]).contains("lrr"));
     assert!(e(&["bogus.key=1"]).contains("bogus"));
     assert!(e(&["concept.insert_layer=4"]).contains("insert_layer"));
-    assert!(e(&["concept.concept_num=2000"]).contains("K_c"));
+    assert!(e(&["concept.concept_num=5000"]).contains("K_c"));
     assert!(e(&["optim.batch_size=10", "optim.grad_accum=4"]).contains("grad_accum"));
     assert!(e(&["optim.lr=-1"]).contains("lr"));
     assert!(e(&["concept.labels=\"sometimes\""]).contains("labels"));
-    assert!(e(&["teacher.layer=9"]).contains("teacher.layer"));
+    assert!(e(&["teacher.source=\"train\"", "teacher.layer=9"]).contains("teacher.layer"));
     assert!(e(&["optim.lr"]).contains("section.key=value"));
     assert!(e(&["optim.precision=\"fp8\""]).contains("precision"));
     // Overrides of every type parse.
@@ -482,7 +482,15 @@ fn bad_configs_are_errors_before_any_work() {
         (3e-4, "x", cocomix_trainer::LabelSource::Online)
     );
     // Shipped configs parse.
-    for f in ["default", "cpu-long", "gpt2-69m", "gpt2-386m", "gpt2-1.38b"] {
+    for f in [
+        "default",
+        "cpu-long",
+        "cpu-teacher",
+        "cpu-smollm2",
+        "gpt2-69m",
+        "gpt2-386m",
+        "gpt2-1.38b",
+    ] {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../configs/{f}.toml"));
         RunConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{f}: {e}"));
     }
@@ -531,6 +539,7 @@ fn mismatched_artifacts_are_refused() {
     let c = cfg(&[
         &format!("teacher.source=\"{}\"", t2.display()),
         "teacher.layer=1",
+        "model.context=16",
         &format!("sae.source=\"{}\"", sae_file.display()),
     ])
     .unwrap();
