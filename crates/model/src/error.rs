@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Errors of the model crate. Weight and config errors name the file and the tensor.
 #[derive(Debug, thiserror::Error)]
@@ -52,4 +52,18 @@ impl Error {
             reason: reason.into(),
         }
     }
+}
+
+/// Reads a `config.json` at `path` as `T` (a `what` config) and validates it; every error
+/// names the file.
+pub(crate) fn read_config<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &str,
+    validate: impl FnOnce(&T) -> Result<()>,
+) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let cfg: T = serde_json::from_str(&text)
+        .map_err(|e| Error::invalid(path, format!("not a {what} config.json: {e}")))?;
+    validate(&cfg).map_err(|e| Error::invalid(path, e.to_string()))?;
+    Ok(cfg)
 }

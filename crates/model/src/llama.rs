@@ -256,12 +256,7 @@ impl LlamaConfig {
 
     /// Reads and validates a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Self = serde_json::from_str(&text)
-            .map_err(|e| Error::invalid(path, format!("not a Llama config.json: {e}")))?;
-        cfg.validate()
-            .map_err(|e| Error::invalid(path, e.to_string()))?;
-        Ok(cfg)
+        crate::error::read_config(path, "Llama", Self::validate)
     }
 }
 

@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::dropout::{rows_per_task, DropoutKey};
-use crate::fused::{contiguous_f32, use_fused, with_host};
+use crate::fused::{bias_rows_fwd, contiguous_f32, use_fused, with_host};
 use crate::simd::{dispatch, Isa};
 
 /// `x + b` with `b` broadcast over the last dimension of `x`.
@@ -74,18 +74,7 @@ impl CustomOp2 for BiasAdd {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(xs, xl, self.name())?;
-        let b = contiguous_f32(bs, bl, self.name())?;
-        let d = b.len();
-        if xl.dims().last() != Some(&d) {
-            candle_core::bail!("{}: x {:?}, bias {d}", self.name(), xl.dims())
-        }
-        let mut y = vec![0f32; x.len()];
-        let n = rows_per_task(d) * d;
-        y.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .for_each(|(yc, xc)| bias_rows(xc, b, yc));
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
+        bias_rows_fwd(self.name(), (xs, xl), (bs, bl), rows_per_task, bias_rows)
     }
 
     fn bwd(

@@ -8,7 +8,8 @@
 use std::cell::Cell;
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
 
 thread_local! {
     static OVERRIDE: Cell<Option<bool>> = const { Cell::new(None) };
@@ -54,6 +55,29 @@ pub(crate) fn contiguous_f32<'a>(
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("{name}: input must be contiguous"),
     }
+}
+
+/// The forward of a row-wise op on `x [.., d]` with a bias `b [d]` (the op `name`): `f(x, b,
+/// y)` on blocks of `rows(d)` whole rows in parallel, into a new output of `x`'s shape.
+pub(crate) fn bias_rows_fwd(
+    name: &str,
+    (xs, xl): (&CpuStorage, &Layout),
+    (bs, bl): (&CpuStorage, &Layout),
+    rows: impl Fn(usize) -> usize,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let x = contiguous_f32(xs, xl, name)?;
+    let b = contiguous_f32(bs, bl, name)?;
+    let d = b.len();
+    if xl.dims().last() != Some(&d) {
+        candle_core::bail!("{name}: x {:?}, bias {d}", xl.dims())
+    }
+    let mut y = vec![0f32; x.len()];
+    let n = rows(d) * d;
+    y.par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .for_each(|(yc, xc)| f(xc, b, yc));
+    Ok((CpuStorage::F32(y), xl.shape().clone()))
 }
 
 /// Runs `f` on the f32 elements of a CPU tensor (copied to contiguous first if needed).

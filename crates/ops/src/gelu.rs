@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fused::{contiguous_f32, use_fused, with_host};
+use crate::fused::{bias_rows_fwd, use_fused, with_host};
 use crate::simd::{dispatch, exp, Isa};
 
 /// `gelu_new(x + b)` over the last dimension of `x` (`b` has that width).
@@ -80,18 +80,7 @@ impl CustomOp2 for BiasGelu {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(xs, xl, self.name())?;
-        let b = contiguous_f32(bs, bl, self.name())?;
-        let d = b.len();
-        if xl.dims().last() != Some(&d) {
-            candle_core::bail!("{}: x {:?}, bias {d}", self.name(), xl.dims())
-        }
-        let mut y = vec![0f32; x.len()];
-        let n = block_rows(d) * d;
-        y.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .for_each(|(yc, xc)| fwd_rows(xc, b, yc));
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
+        bias_rows_fwd(self.name(), (xs, xl), (bs, bl), block_rows, fwd_rows)
     }
 
     fn bwd(

@@ -1,15 +1,18 @@
 //! The comparison harness and the paper's ablations: the interval maths on hand-made
 //! numbers, each ablation doing what it claims, and a tiny job over two seeds.
+mod common;
+
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use cocomix_data::{prepare, Dataset, PrepareOptions, Tokenizer};
+use cocomix_data::{Dataset, Tokenizer};
 use cocomix_model::{Gpt2, Gpt2Config, Params, Student};
 use cocomix_trainer::compare::{mean_std, t975, tokens_to_reach, PairedDiff};
 use cocomix_trainer::pipeline::student_config;
 use cocomix_trainer::{
     label_permutation, read_metrics, train, Arm, Labels, Objective, RunConfig, TrainSpec,
 };
+use common::*;
 
 const DEV: Device = Device::Cpu;
 const DEFAULT: &str = include_str!("../../../configs/default.toml");
@@ -88,25 +91,8 @@ fn arms_parse_and_bad_ones_are_refused() {
 }
 
 fn tiny_data(dir: &Path) -> (Dataset, Tokenizer) {
-    let text: String = (0..400)
-        .map(|i| {
-            format!(
-                "The {} cat sat on mat number {}. ",
-                ["red", "blue", "old", "quick"][i % 4],
-                i % 17
-            )
-        })
-        .collect();
-    let corpus = dir.join("corpus.txt");
-    std::fs::write(&corpus, &text).unwrap();
-    std::fs::write(dir.join("corpus2.txt"), &text[500..]).unwrap();
-    let tok = Tokenizer::train_bpe([text.as_str()].into_iter(), 300).unwrap();
-    let opts = PrepareOptions {
-        val_fraction: 0.3,
-        ..PrepareOptions::new(vec![corpus, dir.join("corpus2.txt")], dir.join("data"))
-    };
-    prepare(&opts, &tok).unwrap();
-    (Dataset::open(dir.join("data")).unwrap(), tok)
+    let text = toy_text(400, &["red", "blue", "old", "quick"], 17);
+    prepare_toy(dir, &text, two_docs(dir, &text, 500), 0.3)
 }
 
 fn tiny_cfg(out: &Path) -> RunConfig {

@@ -1,16 +1,19 @@
 //! Data-parallel training over MPI: this test binary runs itself under `mpirun -np 2` and
 //! compares with one process. Skipped, with a message, without the `mpi` feature or
 //! `mpirun` (`cargo test -p cocomix-trainer --features mpi` runs them; CI does).
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use cocomix_attribution::{LabelCache, LabelCacheSpec, LabelMode};
-use cocomix_data::{prepare, Dataset, PrepareOptions, Tokenizer};
+use cocomix_data::Dataset;
 use cocomix_model::{ConceptConfig, Gpt2, Gpt2Config, Params, StudentConfig};
 use cocomix_sae::Sae;
 use cocomix_trainer::{train_dist, Comm, DistConfig, Labels, Objective, RunConfig, TrainSpec};
+use common::*;
 
 const DEV: Device = Device::Cpu;
 const DEFAULT: &str = include_str!("../../../configs/default.toml");
@@ -62,26 +65,8 @@ struct Fixture {
 }
 
 fn make_data(dir: &Path) {
-    let text: String = (0..600)
-        .map(|i| {
-            format!(
-                "The {} cat sat on mat number {}. ",
-                ["red", "blue", "old", "quick", "lazy"][i % 5],
-                i % 23
-            )
-        })
-        .collect();
-    let corpus = dir.join("corpus");
-    std::fs::create_dir_all(&corpus).unwrap();
-    for i in 0..6 {
-        std::fs::write(corpus.join(format!("{i}.txt")), &text[i * 100..]).unwrap();
-    }
-    let tok = Tokenizer::train_bpe([text.as_str()].into_iter(), 300).unwrap();
-    let opts = PrepareOptions {
-        val_fraction: 0.2,
-        ..PrepareOptions::new(vec![corpus], dir.join("data"))
-    };
-    prepare(&opts, &tok).unwrap();
+    let text = toy_text(600, &["red", "blue", "old", "quick", "lazy"], 23);
+    prepare_toy(dir, &text, six_docs(dir, &text), 0.2);
 }
 
 fn fixture(dir: &Path) -> Fixture {

@@ -1,12 +1,15 @@
 //! A Llama-family teacher in the pipeline: the tiny Llama fixtures of the model crate (a
 //! Hugging Face folder written by transformers, a GGUF written by gguf-py) as the teacher of a
 //! tiny job, and data tokenized with another tokenizer refused before any work.
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use cocomix_data::{prepare, Dataset, PrepareOptions, Tokenizer};
 use cocomix_trainer::pipeline::{teacher_tokenizer, Shared};
 use cocomix_trainer::{read_metrics, Arm, Comm, Objective, RunConfig};
+use common::*;
 
 const DEV: Device = Device::Cpu;
 const DEFAULT: &str = include_str!("../../../configs/default.toml");
@@ -17,21 +20,12 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Two documents (the validation split needs one of its own).
 fn corpus(dir: &Path) -> Vec<PathBuf> {
-    let text: String = (0..300)
-        .map(|i| {
-            format!(
-                "The {} cat sat on mat number {}. ",
-                ["red", "blue", "old", "quick"][i % 4],
-                i % 17
-            )
-        })
-        .collect();
-    let (a, b) = (dir.join("corpus.txt"), dir.join("corpus2.txt"));
-    std::fs::write(&a, &text).unwrap();
-    std::fs::write(&b, &text[400..]).unwrap();
-    vec![a, b]
+    two_docs(
+        dir,
+        &toy_text(300, &["red", "blue", "old", "quick"], 17),
+        400,
+    )
 }
 
 /// A tiny job on `teacher` (its middle layer 1 of 3, d = 32) with `data.tokenizer`.

@@ -1,11 +1,14 @@
+mod common;
+
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use cocomix_data::{prepare, Dataset, PrepareOptions, Tokenizer};
+use cocomix_data::{Dataset, Tokenizer};
 use cocomix_model::ops::{concept_loss, cross_entropy, kd_kl};
 use cocomix_model::{ConceptConfig, Dropout, Gpt2, Gpt2Config, Params, Student, StudentConfig};
 use cocomix_trainer::optim::{clip_grad_norm, lr_at, AdamW};
 use cocomix_trainer::{train, Labels, Objective, RunConfig, TrainSpec};
+use common::*;
 
 const DEV: Device = Device::Cpu;
 const DEFAULT: &str = include_str!("../../../configs/default.toml");
@@ -246,27 +249,8 @@ fn adamw_with_clipping_matches_three_torch_steps() {
 }
 
 fn tiny_data(dir: &Path) -> (Dataset, Tokenizer) {
-    let text: String = (0..400)
-        .map(|i| {
-            format!(
-                "The {} cat sat on mat number {}. ",
-                ["red", "blue", "old", "quick"][i % 4],
-                i % 17
-            )
-        })
-        .collect();
-    let corpus = dir.join("corpus");
-    std::fs::create_dir_all(&corpus).unwrap();
-    for i in 0..6 {
-        std::fs::write(corpus.join(format!("{i}.txt")), &text[i * 100..]).unwrap();
-    }
-    let tok = Tokenizer::train_bpe([text.as_str()].into_iter(), 300).unwrap();
-    let opts = PrepareOptions {
-        val_fraction: 0.2,
-        ..PrepareOptions::new(vec![corpus], dir.join("data"))
-    };
-    prepare(&opts, &tok).unwrap();
-    (Dataset::open(dir.join("data")).unwrap(), tok)
+    let text = toy_text(400, &["red", "blue", "old", "quick"], 17);
+    prepare_toy(dir, &text, six_docs(dir, &text), 0.2)
 }
 
 fn spec<'a>(
