@@ -98,8 +98,8 @@ struct CompareArgs {
     #[arg(long)]
     seeds: Option<usize>,
     /// Objectives to compare (run.objectives), comma-separated: ntp, kd, cocomix,
-    /// predict-only, mix-only,
-    /// random-labels, pause; `cocomix[lambda=0.3,labels=negative]` sets its own λ and label mode.
+    /// predict-only, mix-only, random-labels, shuffled-labels, pause;
+    /// `cocomix[lambda=0.3,labels=negative]` sets its own λ and label mode.
     #[arg(long, value_parser = cocomix_trainer::parse_arms)]
     objectives: Option<Vec<cocomix_trainer::Arm>>,
     /// Add CoCoMix arms with these λ (a λ sweep), e.g. --lambdas 0.03,0.3,1.

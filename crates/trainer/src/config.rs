@@ -22,21 +22,28 @@ pub enum Objective {
     /// Ablation: the interleaved concept path trained by NTP alone (λ = 0, no labels).
     MixOnly,
     /// Ablation: CoCoMix with the teacher's labels mapped through a fixed random
-    /// permutation of concept ids (same label statistics, no meaning).
+    /// permutation of concept ids. The student's concept predictor and compress layer are
+    /// initialised i.i.d., so a fixed relabelling is a symmetry of the learning problem:
+    /// this arm equals CoCoMix in distribution (a control for seed noise, not for meaning).
     RandomLabels,
+    /// Ablation: CoCoMix where each cached window reads the labels of another window (a
+    /// fixed permutation of the windows with no fixed point): every label statistic is
+    /// kept, their link to the tokens read is broken. Needs `concept.labels = "cache"`.
+    ShuffledLabels,
     /// Baseline: a learned pause vector interleaved in place of the concept.
     Pause,
 }
 
 impl Objective {
     /// Every objective, in report order.
-    pub const ALL: [Objective; 7] = [
+    pub const ALL: [Objective; 8] = [
         Objective::Ntp,
         Objective::Kd,
         Objective::Cocomix,
         Objective::PredictOnly,
         Objective::MixOnly,
         Objective::RandomLabels,
+        Objective::ShuffledLabels,
         Objective::Pause,
     ];
 
@@ -49,6 +56,7 @@ impl Objective {
             Objective::PredictOnly => "predict-only",
             Objective::MixOnly => "mix-only",
             Objective::RandomLabels => "random-labels",
+            Objective::ShuffledLabels => "shuffled-labels",
             Objective::Pause => "pause",
         }
     }
@@ -57,7 +65,10 @@ impl Objective {
     pub fn needs_labels(self) -> bool {
         matches!(
             self,
-            Objective::Cocomix | Objective::PredictOnly | Objective::RandomLabels
+            Objective::Cocomix
+                | Objective::PredictOnly
+                | Objective::RandomLabels
+                | Objective::ShuffledLabels
         )
     }
 
@@ -674,6 +685,19 @@ impl RunConfig {
         names.sort();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return bad(format!("run.objectives lists {} twice", w[0]));
+        }
+        if self.concept.labels != LabelSource::Cache
+            && self
+                .run
+                .objectives
+                .iter()
+                .any(|a| a.objective == Objective::ShuffledLabels)
+        {
+            return bad(
+                "shuffled-labels reads other windows' labels from the label cache: it needs \
+                 concept.labels = \"cache\""
+                    .into(),
+            );
         }
         if self.eval.every == 0 || self.checkpoint.every == 0 {
             return bad("eval.every and checkpoint.every must be positive".into());

@@ -14,7 +14,8 @@ pub use cocomix_dist::{launcher_rank, Comm, DistConfig};
 pub use config::*;
 pub use run::{
     default_device, label_permutation, list_checkpoints, rank_device, read_metrics, train,
-    train_dist, validate, validate_dist, Labels, StepMetrics, TrainOutcome, TrainSpec,
+    train_dist, validate, validate_dist, window_shuffle, Labels, Relabel, StepMetrics,
+    TrainOutcome, TrainSpec,
 };
 
 use std::path::PathBuf;

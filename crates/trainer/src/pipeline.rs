@@ -175,9 +175,10 @@ pub fn student_config(
     let mut s = StudentConfig::gpt2(gpt2);
     match objective {
         Objective::Ntp | Objective::Kd => {}
-        Objective::Cocomix | Objective::MixOnly | Objective::RandomLabels => {
-            s.concept = Some(concept(true))
-        }
+        Objective::Cocomix
+        | Objective::MixOnly
+        | Objective::RandomLabels
+        | Objective::ShuffledLabels => s.concept = Some(concept(true)),
         Objective::PredictOnly => s.concept = Some(concept(false)),
         Objective::Pause => {
             s.pause = Some(PauseConfig {

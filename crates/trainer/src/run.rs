@@ -267,14 +267,14 @@ const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 /// Rows `part` of the `rows` rows of micro-batch `micro` of step `step`: a pure function of
 /// `(seed, step, micro)` and the data, the same for every objective. With aligned windows
 /// (a label cache), rows are whole cached windows; otherwise windows at random offsets.
-/// `perm` maps concept ids (the random-labels ablation). The hash covers all `rows` rows.
+/// `relabel` applies the label ablations. The hash covers all `rows` rows.
 fn make_batch(
     spec: &TrainSpec,
     step: u64,
     micro: u64,
     rows: usize,
     part: Range<usize>,
-    perm: Option<&[u32]>,
+    relabel: &Relabel,
 ) -> Result<Batch> {
     let t = spec.student.gpt2.n_positions;
     let index = step * spec.optim.grad_accum as u64 + micro;
@@ -292,7 +292,7 @@ fn make_batch(
                 let w = rng.random_range(0..n_windows);
                 spec.data.train.read_into(w * t, t + 1, &mut ids);
                 if let Some(c) = cache.filter(|_| part.contains(&r)) {
-                    lab.extend(c.window_labels(w));
+                    lab.extend(c.window_labels(relabel.window(w)));
                 }
             }
             (ids, cache.map(|_| lab))
@@ -320,9 +320,7 @@ fn make_batch(
     }
     let labels = lab
         .map(|mut l| {
-            if let Some(p) = perm {
-                l.iter_mut().for_each(|c| *c = p[*c as usize]);
-            }
+            relabel.concepts(&mut l);
             Tensor::from_vec(l, (rows, t, k), dev)
         })
         .transpose()?;
@@ -386,6 +384,61 @@ pub fn label_permutation(n_latents: usize) -> Vec<u32> {
     let mut p: Vec<u32> = (0..n_latents as u32).collect();
     p.shuffle(&mut rand::rngs::StdRng::seed_from_u64(0xC0C0_4A11));
     p
+}
+
+/// The fixed window map of the `shuffled-labels` ablation: one cycle through `0..n`
+/// (Sattolo's shuffle), so for n ≥ 2 no window reads its own labels; the same for every run
+/// (seeded by a constant).
+pub fn window_shuffle(n: usize) -> Vec<u32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5AF7_1ED0);
+    let mut p: Vec<u32> = (0..n as u32).collect();
+    for i in (1..n).rev() {
+        p.swap(i, rng.random_range(0..i));
+    }
+    p
+}
+
+/// How a label ablation changes the teacher's labels before the student sees them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Relabel {
+    /// The labels as the teacher gave them.
+    #[default]
+    None,
+    /// Concept `c` becomes `p[c]` (`random-labels`).
+    Concepts(Vec<u32>),
+    /// Cached window `w` reads the labels of window `p[w]` (`shuffled-labels`).
+    Windows(Vec<u32>),
+}
+
+impl Relabel {
+    /// The relabelling `objective` asks for, with `n_latents` concepts and a label cache of
+    /// `n_windows` windows (`None`: labels computed online).
+    pub fn of(objective: Objective, n_latents: usize, n_windows: Option<usize>) -> Result<Self> {
+        Ok(match objective {
+            Objective::RandomLabels => Relabel::Concepts(label_permutation(n_latents)),
+            Objective::ShuffledLabels => {
+                Relabel::Windows(window_shuffle(n_windows.ok_or_else(|| {
+                    Error::Config("shuffled-labels needs concept.labels = \"cache\"".into())
+                })?))
+            }
+            _ => Relabel::None,
+        })
+    }
+
+    /// The window whose labels window `w` reads.
+    pub fn window(&self, w: usize) -> usize {
+        match self {
+            Relabel::Windows(p) => p[w] as usize,
+            _ => w,
+        }
+    }
+
+    /// Maps concept ids in place.
+    pub fn concepts(&self, labels: &mut [u32]) {
+        if let Relabel::Concepts(p) = self {
+            labels.iter_mut().for_each(|c| *c = p[*c as usize]);
+        }
+    }
 }
 
 fn truncate_metrics(path: &Path, upto: u64) -> Result<()> {
@@ -572,7 +625,7 @@ fn accumulate(
     spec: &TrainSpec,
     student: &Student,
     step: u64,
-    perm: Option<&[u32]>,
+    relabel: &Relabel,
     last_good: Option<&Path>,
     comm: &Comm,
 ) -> Result<(Vec<Tensor>, StepLosses)> {
@@ -585,7 +638,7 @@ fn accumulate(
     let mut sums = StepLosses::default();
     for micro in 0..o.grad_accum as u64 {
         let index = step * o.grad_accum as u64 + micro;
-        let b = make_batch(spec, step, micro, rows, part.clone(), perm)?;
+        let b = make_batch(spec, step, micro, rows, part.clone(), relabel)?;
         sums.batch_hash = b.hash ^ sums.batch_hash.rotate_left(7);
         let mut dropout = Dropout::seeded(spec.seed ^ index.wrapping_mul(0xD129_0A5B_3C31_4F6B))
             .with_row_offset(part.start as u64);
@@ -794,9 +847,12 @@ pub fn train_dist(spec: &TrainSpec, comm: &Comm) -> Result<TrainOutcome> {
     if comm.world() > 1 {
         check_ranks_agree(spec, &st, comm)?;
     }
-    let perm = match (spec.objective, &spec.student.concept) {
-        (Objective::RandomLabels, Some(c)) => Some(label_permutation(c.concept_dim)),
-        _ => None,
+    let relabel = match (&spec.student.concept, &spec.labels) {
+        (Some(c), Some(Labels::Cache(cache))) => {
+            Relabel::of(spec.objective, c.concept_dim, Some(cache.n_windows()))?
+        }
+        (Some(c), _) => Relabel::of(spec.objective, c.concept_dim, None)?,
+        (None, _) => Relabel::None,
     };
     let params: usize = st.student.vars().iter().map(|(_, v)| v.elem_count()).sum();
     let mut log = if writer {
@@ -823,7 +879,7 @@ pub fn train_dist(spec: &TrainSpec, comm: &Comm) -> Result<TrainOutcome> {
             spec,
             &st.student,
             st.step,
-            perm.as_deref(),
+            &relabel,
             last_good.as_deref(),
             comm,
         )?;

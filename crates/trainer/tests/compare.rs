@@ -5,12 +5,14 @@ mod common;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
+use cocomix_attribution::{LabelCache, LabelCacheSpec, LabelMode};
 use cocomix_data::{Dataset, Tokenizer};
 use cocomix_model::{Gpt2, Gpt2Config, Params, Student};
 use cocomix_trainer::compare::{mean_std, t975, tokens_to_reach, PairedDiff};
 use cocomix_trainer::pipeline::student_config;
 use cocomix_trainer::{
-    label_permutation, read_metrics, train, Arm, Labels, Objective, RunConfig, TrainSpec,
+    label_permutation, read_metrics, train, window_shuffle, Arm, Labels, Objective, Relabel,
+    RunConfig, TrainSpec,
 };
 use common::*;
 
@@ -148,12 +150,14 @@ struct Fixture {
     sae: cocomix_sae::Sae,
 }
 
-/// Trains `objective` for 4 steps on the tiny data with online labels from a random teacher.
-fn run(
+/// Trains `objective` for 4 steps on the tiny data with labels from `cache`, or online from a
+/// random teacher.
+fn run_with(
     f: &Fixture,
     objective: Objective,
     lambda: f64,
     dir: &Path,
+    cache: Option<&LabelCache>,
 ) -> Vec<cocomix_trainer::StepMetrics> {
     let Fixture {
         cfg,
@@ -172,11 +176,11 @@ fn run(
         run_dir: dir.to_path_buf(),
         seed: 9,
         teacher: Some(teacher),
-        labels: Some(Labels::Online {
+        labels: Some(cache.map(Labels::Cache).unwrap_or(Labels::Online {
             sae,
             layer: 0,
-            mode: cocomix_attribution::LabelMode::Faithful,
-        }),
+            mode: LabelMode::Faithful,
+        })),
         aligned_windows: None,
         concept,
         kd: cfg.kd.clone(),
@@ -191,6 +195,95 @@ fn run(
     };
     train(&spec).unwrap();
     read_metrics(dir).unwrap()
+}
+
+fn run(
+    f: &Fixture,
+    objective: Objective,
+    lambda: f64,
+    dir: &Path,
+) -> Vec<cocomix_trainer::StepMetrics> {
+    run_with(f, objective, lambda, dir, None)
+}
+
+#[test]
+fn shuffled_labels_read_another_windows_labels() {
+    // The window map: one cycle, so a permutation where no window keeps its own labels,
+    // the same in every run.
+    for n in [2usize, 3, 10, 257] {
+        let p = window_shuffle(n);
+        let mut sorted = p.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..n as u32).collect::<Vec<u32>>(), "a permutation");
+        assert!(p.iter().enumerate().all(|(w, &v)| w as u32 != v), "{p:?}");
+        assert_eq!(p, window_shuffle(n), "fixed across runs");
+    }
+    let r = Relabel::of(Objective::ShuffledLabels, 24, Some(10)).unwrap();
+    assert_eq!(r, Relabel::Windows(window_shuffle(10)));
+    assert_eq!(r.window(3), window_shuffle(10)[3] as usize);
+    assert_eq!(
+        Relabel::of(Objective::Cocomix, 24, Some(10)).unwrap(),
+        Relabel::None
+    );
+    // Online labels have no windows to exchange: refused, in the config and in the trainer.
+    assert!(Relabel::of(Objective::ShuffledLabels, 24, None).is_err());
+    let online = RunConfig::from_toml(
+        DEFAULT,
+        &[
+            "run.objectives=[\"ntp\", \"shuffled-labels\"]".to_string(),
+            "concept.labels=\"online\"".to_string(),
+        ],
+    );
+    assert!(
+        format!("{}", online.unwrap_err()).contains("shuffled-labels"),
+        "refused by name"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let (data, tok) = tiny_data(dir.path());
+    let (teacher, sae) = tiny_teacher_and_sae(tok.vocab_size());
+    let fx = Fixture {
+        cfg: tiny_cfg(dir.path()),
+        data,
+        tok,
+        teacher,
+        sae,
+    };
+    let spec = LabelCacheSpec {
+        teacher: "random".into(),
+        teacher_sha256: "t".into(),
+        sae_sha256: "s".into(),
+        layer: 0,
+        k_attr: 2,
+        window: 16,
+        mode: LabelMode::Faithful,
+        n_latents: 24,
+        data: format!("{}", fx.data.train.len()),
+        max_windows: 0,
+    };
+    let cache = LabelCache::build(
+        &fx.teacher,
+        &fx.sae,
+        &spec,
+        &fx.data.train,
+        &dir.path().join("c"),
+        4,
+    )
+    .unwrap();
+    assert!(cache.n_windows() >= 2);
+    // Windows do carry different labels, so reading another window's changes the target.
+    assert!((1..cache.n_windows()).any(|w| cache.window_labels(w) != cache.window_labels(0)));
+    let go = |o: Objective, name: &str| run_with(&fx, o, 0.1, &dir.path().join(name), Some(&cache));
+    // At step 1 the students are the same (same init, same tokens): equal NTP loss, another
+    // concept loss; the same batches throughout.
+    let cocomix = go(Objective::Cocomix, "cocomix");
+    let shuffled = go(Objective::ShuffledLabels, "shuffled");
+    assert_eq!(shuffled[0].loss_ntp, cocomix[0].loss_ntp);
+    assert_ne!(shuffled[0].loss_concept, cocomix[0].loss_concept);
+    let h = |m: &[cocomix_trainer::StepMetrics]| -> Vec<Option<String>> {
+        m.iter().map(|r| r.batch_hash.clone()).collect()
+    };
+    assert_eq!(h(&shuffled), h(&cocomix));
 }
 
 #[test]
