@@ -101,11 +101,15 @@ struct CompareArgs {
     /// predict-only, mix-only, random-labels, shuffled-labels, pause;
     /// `cocomix[lambda=0.3,labels=negative]` sets its own λ and label mode.
     #[arg(long, value_parser = cocomix_trainer::parse_arms)]
-    objectives: Option<Vec<cocomix_trainer::Arm>>,
+    objectives: Option<ArmList>,
     /// Add CoCoMix arms with these λ (a λ sweep), e.g. --lambdas 0.03,0.3,1.
     #[arg(long, value_delimiter = ',')]
     lambdas: Vec<f64>,
 }
+
+/// One `--objectives` value parses into a list: behind an alias so that clap's derive takes
+/// the list as one value (it treats a field spelled `Vec<T>` as repeated values of `T`).
+type ArmList = Vec<cocomix_trainer::Arm>;
 
 fn run_job(cfg: &cocomix_trainer::RunConfig, prepare_only: bool) -> Result<()> {
     // One rank of a data-parallel job when launched so (`dist.backend`), else one process.

@@ -505,10 +505,13 @@ fn a_sigkilled_run_resumes_to_the_same_losses() {
 fn prepare_only_builds_the_shared_stages_and_trains_no_student() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config(dir.path(), "prep");
+    // `compare` with its arm list and a λ sweep: the shared stages only.
     let out = run_ok(
         bin()
-            .args(["train", "--prepare-only", "--config"])
-            .arg(&cfg),
+            .args(["compare", "--prepare-only", "--config"])
+            .arg(&cfg)
+            .args(["--objectives", "ntp,cocomix,cocomix[lambda=0.3]"])
+            .args(["--lambdas", "0.03"]),
     );
     assert!(out.contains("Teacher:"), "{out}");
     let root = dir.path().join("prep/tiny");
@@ -527,6 +530,16 @@ fn prepare_only_builds_the_shared_stages_and_trains_no_student() {
         assert!(!root.join(student).exists(), "{student} was trained");
     }
     assert!(!root.join("compare.md").exists());
+    // An unknown arm is an error naming it, before any work.
+    let bad = bin()
+        .args(["compare", "--config"])
+        .arg(&cfg)
+        .args(["--objectives", "ntp,bogus"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("bogus") && !err.contains("panicked"), "{err}");
 }
 
 #[test]
