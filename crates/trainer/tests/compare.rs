@@ -150,6 +150,20 @@ struct Fixture {
     sae: cocomix_sae::Sae,
 }
 
+impl Fixture {
+    fn new(dir: &Path) -> Self {
+        let (data, tok) = tiny_data(dir);
+        let (teacher, sae) = tiny_teacher_and_sae(tok.vocab_size());
+        Fixture {
+            cfg: tiny_cfg(dir),
+            data,
+            tok,
+            teacher,
+            sae,
+        }
+    }
+}
+
 /// Trains `objective` for 4 steps on the tiny data with labels from `cache`, or online from a
 /// random teacher.
 fn run_with(
@@ -240,15 +254,7 @@ fn shuffled_labels_read_another_windows_labels() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let (data, tok) = tiny_data(dir.path());
-    let (teacher, sae) = tiny_teacher_and_sae(tok.vocab_size());
-    let fx = Fixture {
-        cfg: tiny_cfg(dir.path()),
-        data,
-        tok,
-        teacher,
-        sae,
-    };
+    let fx = Fixture::new(dir.path());
     let spec = LabelCacheSpec {
         teacher: "random".into(),
         teacher_sha256: "t".into(),
@@ -289,15 +295,7 @@ fn shuffled_labels_read_another_windows_labels() {
 #[test]
 fn each_ablation_does_what_it_claims() {
     let dir = tempfile::tempdir().unwrap();
-    let (data, tok) = tiny_data(dir.path());
-    let (teacher, sae) = tiny_teacher_and_sae(tok.vocab_size());
-    let fx = Fixture {
-        cfg: tiny_cfg(dir.path()),
-        data,
-        tok,
-        teacher,
-        sae,
-    };
+    let fx = Fixture::new(dir.path());
     let go = |o: Objective, lambda: f64, name: &str| run(&fx, o, lambda, &dir.path().join(name));
     let losses =
         |m: &[cocomix_trainer::StepMetrics]| -> Vec<f64> { m.iter().map(|r| r.loss).collect() };
