@@ -98,28 +98,21 @@ fn tiny_data(dir: &Path) -> (Dataset, Tokenizer) {
 }
 
 fn tiny_cfg(out: &Path) -> RunConfig {
-    let o: Vec<String> = [
-        "model.n_layer=2",
-        "model.d_model=16",
-        "model.d_model_ntp=16",
-        "model.n_head=2",
-        "model.context=16",
-        "concept.insert_layer=1",
-        "concept.k_attr=2",
-        "concept.concept_num=4",
-        "sae.n_latents=24",
-        "sae.k=4",
-        "optim.steps=4",
-        "optim.warmup=1",
-        "optim.batch_size=4",
-        "eval.every=2",
-        "eval.max_val_blocks=2",
-        "checkpoint.every=2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([format!("run.out_dir=\"{}\"", out.display())])
-    .collect();
+    let o: Vec<String> = TINY_STUDENT
+        .iter()
+        .chain(&[
+            "sae.n_latents=24",
+            "sae.k=4",
+            "optim.steps=4",
+            "optim.warmup=1",
+            "optim.batch_size=4",
+            "eval.every=2",
+            "eval.max_val_blocks=2",
+            "checkpoint.every=2",
+        ])
+        .map(|s| s.to_string())
+        .chain([format!("run.out_dir=\"{}\"", out.display())])
+        .collect();
     RunConfig::from_toml(DEFAULT, &o).unwrap()
 }
 
@@ -367,42 +360,35 @@ fn a_tiny_job_over_two_seeds() {
         .collect();
     std::fs::write(&corpus, &text).unwrap();
     std::fs::write(dir.path().join("corpus2.txt"), &text[400..]).unwrap();
-    let mut o: Vec<String> = [
-        "model.n_layer=2",
-        "model.d_model=16",
-        "model.d_model_ntp=16",
-        "model.n_head=2",
-        "model.context=16",
-        "concept.insert_layer=1",
-        "concept.k_attr=2",
-        "concept.concept_num=4",
-        "concept.cache_windows=40",
-        "sae.n_latents=24",
-        "sae.k=4",
-        "sae.steps=3",
-        "sae.batch_tokens=64",
-        "teacher.source=\"train\"",
-        "sae.source=\"train\"",
-        "data.tokenizer=\"train\"",
-        "teacher.layer=0",
-        "teacher.train.n_layer=2",
-        "teacher.train.d_model=16",
-        "teacher.train.n_head=2",
-        "teacher.train.steps=3",
-        "data.vocab_size=300",
-        "data.val_fraction=0.3",
-        "optim.steps=4",
-        "optim.warmup=1",
-        "optim.batch_size=4",
-        "eval.every=2",
-        "eval.max_val_blocks=2",
-        "checkpoint.every=2",
-        "run.seeds=2",
-        "run.objectives=[\"ntp\", \"cocomix\", \"mix-only\"]",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut o: Vec<String> = TINY_STUDENT
+        .iter()
+        .chain(&[
+            "concept.cache_windows=40",
+            "sae.n_latents=24",
+            "sae.k=4",
+            "sae.steps=3",
+            "sae.batch_tokens=64",
+            "teacher.source=\"train\"",
+            "sae.source=\"train\"",
+            "data.tokenizer=\"train\"",
+            "teacher.layer=0",
+            "teacher.train.n_layer=2",
+            "teacher.train.d_model=16",
+            "teacher.train.n_head=2",
+            "teacher.train.steps=3",
+            "data.vocab_size=300",
+            "data.val_fraction=0.3",
+            "optim.steps=4",
+            "optim.warmup=1",
+            "optim.batch_size=4",
+            "eval.every=2",
+            "eval.max_val_blocks=2",
+            "checkpoint.every=2",
+            "run.seeds=2",
+            "run.objectives=[\"ntp\", \"cocomix\", \"mix-only\"]",
+        ])
+        .map(|s| s.to_string())
+        .collect();
     o.push(format!("run.out_dir=\"{}\"", dir.path().display()));
     o.push(format!(
         "data.dir=\"{}\"",

@@ -30,41 +30,34 @@ fn corpus(dir: &Path) -> Vec<PathBuf> {
 
 /// A tiny job on `teacher` (its middle layer 1 of 3, d = 32) with `data.tokenizer`.
 fn tiny_cfg(dir: &Path, teacher: &Path, tokenizer: &str, objectives: &str) -> RunConfig {
-    let o: Vec<String> = [
-        "model.n_layer=2",
-        "model.d_model=16",
-        "model.d_model_ntp=16",
-        "model.n_head=2",
-        "model.context=16",
-        "concept.insert_layer=1",
-        "concept.k_attr=2",
-        "concept.concept_num=4",
-        "concept.cache_windows=24",
-        "sae.source=\"train\"",
-        "sae.n_latents=24",
-        "sae.k=4",
-        "sae.steps=3",
-        "sae.batch_tokens=64",
-        "teacher.layer=1",
-        "data.val_fraction=0.3",
-        "optim.steps=3",
-        "optim.warmup=1",
-        "optim.batch_size=4",
-        "eval.every=3",
-        "eval.max_val_blocks=2",
-        "checkpoint.every=3",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([
-        format!("run.objectives={objectives}"),
-        format!("teacher.source=\"{}\"", teacher.display()),
-        format!("data.tokenizer=\"{tokenizer}\""),
-        format!("data.dir=\"{}\"", dir.join("data").display()),
-        format!("data.inputs={:?}", corpus(dir)),
-        format!("run.out_dir=\"{}\"", dir.display()),
-    ])
-    .collect();
+    let o: Vec<String> = TINY_STUDENT
+        .iter()
+        .chain(&[
+            "concept.cache_windows=24",
+            "sae.source=\"train\"",
+            "sae.n_latents=24",
+            "sae.k=4",
+            "sae.steps=3",
+            "sae.batch_tokens=64",
+            "teacher.layer=1",
+            "data.val_fraction=0.3",
+            "optim.steps=3",
+            "optim.warmup=1",
+            "optim.batch_size=4",
+            "eval.every=3",
+            "eval.max_val_blocks=2",
+            "checkpoint.every=3",
+        ])
+        .map(|s| s.to_string())
+        .chain([
+            format!("run.objectives={objectives}"),
+            format!("teacher.source=\"{}\"", teacher.display()),
+            format!("data.tokenizer=\"{tokenizer}\""),
+            format!("data.dir=\"{}\"", dir.join("data").display()),
+            format!("data.inputs={:?}", corpus(dir)),
+            format!("run.out_dir=\"{}\"", dir.display()),
+        ])
+        .collect();
     RunConfig::from_toml(DEFAULT, &o).unwrap()
 }
 

@@ -4,6 +4,18 @@ use std::path::{Path, PathBuf};
 
 use cocomix_data::{prepare, Dataset, PrepareOptions, Tokenizer};
 
+/// Config overrides of a tiny student (2 blocks, d = 16, T = 16, K_attr 2, K_c 4).
+pub const TINY_STUDENT: [&str; 8] = [
+    "model.n_layer=2",
+    "model.d_model=16",
+    "model.d_model_ntp=16",
+    "model.n_head=2",
+    "model.context=16",
+    "concept.insert_layer=1",
+    "concept.k_attr=2",
+    "concept.concept_num=4",
+];
+
 /// `n` sentences "The {word} cat sat on mat number {i mod numbers}." cycling over `words`: a
 /// text a small BPE learns merges from and a tiny model can fit.
 pub fn toy_text(n: usize, words: &[&str], numbers: usize) -> String {
