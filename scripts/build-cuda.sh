@@ -5,12 +5,22 @@
 # GPU machines' CUDA 13.0 driver, which rejects PTX from a newer toolkit.
 #
 #   scripts/build-cuda.sh            # → target/cuda/release/cocomix (cuda feature)
+#   scripts/build-cuda.sh --nccl     # the same with data-parallel NCCL (cuda,nccl features),
+#                                    # linked against libnccl from PyPI's nvidia-nccl-cu13
 #
 # Copy target/cuda/release/cocomix and a prepared data folder to the GPU machine; nothing there
 # needs a registry. cudarc loads libcuda/libcublas/libcurand at run time from the driver
-# install (or from the nvidia-*-cu12 wheels' lib folders on LD_LIBRARY_PATH).
+# install (or from the nvidia-*-cu12 wheels' lib folders on LD_LIBRARY_PATH). An --nccl binary
+# also needs libnccl.so.2 there: the system's NCCL, or `pip install nvidia-nccl-cu13` and its
+# nvidia/nccl/lib on LD_LIBRARY_PATH.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+features=cuda
+case ${1:-} in
+  --nccl) features=cuda,nccl ;;
+  "") ;;
+  *) echo "usage: scripts/build-cuda.sh [--nccl]" >&2; exit 2 ;;
+esac
 venv=${CUDA_VENV:-$root/target/cuda-venv}
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
@@ -33,8 +43,13 @@ nvcc --version | tail -2
 lib=$cuda/lib
 for l in cudart cublas cublasLt nvrtc; do ln -sf "lib$l.so.13" "$lib/lib$l.so"; done
 ln -sf libcurand.so.10 "$lib/libcurand.so"
+if [ "$features" = cuda,nccl ]; then
+  # NCCL >= 2.30 (cudarc's `nccl` feature binds the 2.30 API).
+  [ -f "$site/nvidia/nccl/lib/libnccl.so.2" ] || "$venv/bin/pip" install --quiet nvidia-nccl-cu13==2.32.3
+  ln -sf "$site/nvidia/nccl/lib/libnccl.so.2" "$lib/libnccl.so"
+fi
 cd "$root"
-build() { cargo build --release -p cocomix-cli --features cuda --target-dir target/cuda; }
+build() { cargo build --release -p cocomix-cli --features "$features" --target-dir target/cuda; }
 if [ ! -f "$lib/libcuda.so" ]; then
   # No wheel ships the driver's libcuda. Link against a stand-in with the same soname that
   # defines the driver symbols cudarc uses; the GPU machine's driver provides the real one.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Multi-node data-parallel training under Slurm. BACKEND=mpi (CPU ranks) works today; the default,
-# one rank per GPU with NCCL (bootstrap at MASTER_ADDR:MASTER_PORT), waits for the NCCL backend.
+# Multi-node data-parallel training under Slurm. The default: one rank per GPU over NCCL (a binary
+# from scripts/build-cuda.sh --nccl, libnccl.so.2 on LD_LIBRARY_PATH), NCCL's bootstrap root at
+# MASTER_ADDR:MASTER_PORT+1 (the first node). BACKEND=mpi: CPU ranks over MPI.
 #
 #   sbatch --nodes 4 scripts/slurm-train.sh configs/gpt2-1.38b.toml [--set k=v ...]
 #

@@ -1,7 +1,7 @@
 //! `cargo xtask`: builds the `cocomix` binary in release mode and runs the project's jobs.
 //!
 //! ```text
-//! cargo xtask train [--features cuda|metal] [ARGS...]   the main job: cocomix train ARGS
+//! cargo xtask train [--features cuda|metal|mpi|nccl] ...  the main job: cocomix train ARGS
 //! cargo xtask compare [ARGS...]                          objectives over seeds: cocomix compare ARGS
 //! cargo xtask eval RUN_DIR...                            comparison table of finished runs
 //! cargo xtask bench WHAT [--json]                        benchmarks: cocomix bench WHAT
@@ -23,7 +23,7 @@ fn root() -> PathBuf {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo xtask <train|compare|eval|bench|run> [--features cuda|metal|mpi] [ARGS...]\n\n\
+        "usage: cargo xtask <train|compare|eval|bench|run> [--features cuda|metal|mpi|nccl] [ARGS...]\n\n\
          train   the main job: cocomix train [--config FILE] [--set k=v]\n\
          compare cocomix compare --config FILE [--seeds N] [--objectives a,b] [--lambdas x,y]\n\
          eval    cocomix eval runs RUN_DIR... (default: runs/default)\n\
@@ -73,8 +73,8 @@ fn main() {
         let f = args.remove(i + 1);
         args.remove(i);
         for f in f.split(',') {
-            if !["cuda", "metal", "mpi"].contains(&f) {
-                eprintln!("xtask: unknown feature {f:?} (cuda, metal or mpi)");
+            if !["cuda", "metal", "mpi", "nccl"].contains(&f) {
+                eprintln!("xtask: unknown feature {f:?} (cuda, metal, mpi or nccl)");
                 exit(2);
             }
             features.push(f.to_string());

@@ -8,8 +8,8 @@
 //! backends:
 //! - [`Backend::Single`]: one process (the default; needs nothing);
 //! - [`Backend::Mpi`]: rsmpi over the system's MPI (cargo feature `mpi`);
-//! - [`Backend::Nccl`]: reserved for cudarc's NCCL (bootstrapped through MPI or the
-//!   torchrun-style environment); not implemented yet, it errors at start.
+//! - [`Backend::Nccl`]: cudarc's NCCL on CUDA devices, one process per GPU (cargo feature
+//!   `nccl`), bootstrapped through MPI or the torchrun-style environment ([`EnvLaunch`]).
 //!
 //! Faults: every collective but [`Comm::wait_for_all`] has a deadline (`timeout_s`). A rank
 //! whose peers do not answer in time prints what it was waiting for and aborts the job (MPI
@@ -30,12 +30,17 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use half::bf16;
 use serde::{Deserialize, Serialize};
 
+mod launch;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
+
+pub use launch::{resolve_bootstrap, EnvLaunch};
 
 /// Errors of the communicator.
 #[derive(Debug, thiserror::Error)]
@@ -176,14 +181,14 @@ pub struct CommStats {
 }
 
 /// What a collective is waiting for, for the timeout message.
-#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "mpi", feature = "nccl")), allow(dead_code))]
 pub(crate) struct Wait<'a> {
     pub op: &'static str,
     pub phase: &'a str,
     pub timeout: Option<Duration>,
 }
 
-#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "mpi", feature = "nccl")), allow(dead_code))]
 impl Wait<'_> {
     /// Between two polls of an unfinished collective: yields (MPI's non-blocking collectives
     /// progress only inside the polls, so a timed collective, which moves data, never
@@ -238,6 +243,15 @@ pub(crate) trait Engine {
     fn all_reduce_device(&self, _flat: &Tensor, _w: &Wait) -> Option<Result<Tensor>> {
         None
     }
+    /// The device this backend reduces on, where the rank's tensors must live.
+    fn device(&self) -> Option<Device> {
+        None
+    }
+    /// Whether collectives go through the engine in a world of one too (NCCL: so that a
+    /// one-GPU run exercises the same path as a multi-GPU one).
+    fn reduces_alone(&self) -> bool {
+        false
+    }
     /// Ends the whole job now (another rank failed or this one is giving up).
     fn abort(&self, code: i32);
 }
@@ -271,6 +285,8 @@ impl Engine for Single {
 
 struct Inner {
     engine: Box<dyn Engine>,
+    /// A world of one whose collectives return at once.
+    trivial: bool,
     timeout: Option<Duration>,
     bucket_bytes: usize,
     phase: RefCell<String>,
@@ -305,6 +321,7 @@ impl Comm {
     fn new(engine: Box<dyn Engine>, cfg: &DistConfig) -> Self {
         Self {
             inner: Rc::new(Inner {
+                trivial: engine.world() == 1 && !engine.reduces_alone(),
                 engine,
                 timeout: Some(Duration::from_secs_f64(cfg.timeout_s)),
                 bucket_bytes: cfg.bucket_bytes().max(4),
@@ -336,11 +353,14 @@ impl Comm {
                     feature: "mpi",
                 })
             }
+            #[cfg(feature = "nccl")]
+            Backend::Nccl => Box::new(nccl::Nccl::init(cfg)?),
+            #[cfg(not(feature = "nccl"))]
             Backend::Nccl => {
-                return Err(Error::Other(
-                    "dist.backend = \"nccl\" is not implemented yet: use \"mpi\" (CPU ranks)"
-                        .into(),
-                ))
+                return Err(Error::NotBuilt {
+                    backend: "nccl",
+                    feature: "nccl",
+                })
             }
         };
         let comm = Self::new(engine, cfg);
@@ -369,6 +389,12 @@ impl Comm {
     /// Rank among the processes of this node (the GPU it drives).
     pub fn local_rank(&self) -> usize {
         self.inner.engine.local_rank()
+    }
+
+    /// The device this rank's tensors must live on, when the backend has one (NCCL: the GPU of
+    /// the local rank, opened on the stream its collectives use).
+    pub fn device(&self) -> Option<Device> {
+        self.inner.engine.device()
     }
 
     /// Rank 0: the one that writes files.
@@ -418,7 +444,7 @@ impl Comm {
 
     /// Combines `buf` over all ranks, in place (every rank ends with the same values).
     pub fn all_reduce_f32(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
-        if self.world() == 1 {
+        if self.inner.trivial {
             return Ok(());
         }
         let t0 = Instant::now();
@@ -433,7 +459,7 @@ impl Comm {
 
     /// [`Comm::all_reduce_f32`] in f64 (loss sums, counts).
     pub fn all_reduce_f64(&self, buf: &mut [f64], op: ReduceOp) -> Result<()> {
-        if self.world() == 1 {
+        if self.inner.trivial {
             return Ok(());
         }
         let t0 = Instant::now();
@@ -449,7 +475,7 @@ impl Comm {
     /// [`Comm::all_reduce_f32`] of bf16 values: NCCL sums in bf16, MPI (which has no bf16
     /// type) in f32, rounded back.
     pub fn all_reduce_bf16(&self, buf: &mut [bf16], op: ReduceOp) -> Result<()> {
-        if self.world() == 1 {
+        if self.inner.trivial {
             return Ok(());
         }
         let t0 = Instant::now();
@@ -468,7 +494,7 @@ impl Comm {
     /// NCCL, through host buffers otherwise). Returns new tensors of the same shapes; a world
     /// of 1 returns the inputs themselves.
     pub fn all_reduce_tensors(&self, ts: &[Tensor], op: ReduceOp) -> Result<Vec<Tensor>> {
-        if self.world() == 1 {
+        if self.inner.trivial {
             return Ok(ts.to_vec());
         }
         let mut out = Vec::with_capacity(ts.len());
@@ -559,7 +585,7 @@ impl Comm {
 
     /// Copies rank `root`'s `buf` into every rank's `buf` (same length everywhere).
     pub fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {
-        if self.world() == 1 {
+        if self.inner.trivial {
             return Ok(());
         }
         self.check_root(root)?;
@@ -569,7 +595,7 @@ impl Comm {
     /// Rank `root`'s `bytes` on every rank (the other ranks' `bytes` are ignored; lengths
     /// may differ).
     pub fn broadcast_bytes(&self, bytes: &[u8], root: usize) -> Result<Vec<u8>> {
-        if self.world() == 1 {
+        if self.inner.trivial {
             return Ok(bytes.to_vec());
         }
         let mut len = (bytes.len() as u64).to_le_bytes();
@@ -595,7 +621,7 @@ impl Comm {
 
     /// Waits until every rank has arrived (with the timeout).
     pub fn barrier(&self) -> Result<()> {
-        if self.world() == 1 {
+        if self.inner.trivial {
             return Ok(());
         }
         self.timed("barrier", |w| self.inner.engine.barrier(w))
@@ -604,7 +630,7 @@ impl Comm {
     /// A barrier without the timeout: for stages where rank 0 works alone (preparing data,
     /// training an SAE) while the others wait, sleeping.
     pub fn wait_for_all(&self) -> Result<()> {
-        if self.world() == 1 {
+        if self.inner.trivial {
             return Ok(());
         }
         let phase = self.inner.phase.borrow();
@@ -622,7 +648,7 @@ impl Comm {
     where
         E: std::fmt::Display + From<Error>,
     {
-        if self.world() == 1 {
+        if self.inner.trivial {
             return local;
         }
         let mut failed = vec![0f64; self.world()];
@@ -650,7 +676,7 @@ impl Comm {
     /// data, a checkpoint): all ranks return [`Error::Mismatch`] (or [`Error::Peer`]) when
     /// one differs from rank 0's.
     pub fn check_same(&self, what: &str, fingerprint: &str) -> Result<()> {
-        if self.world() == 1 {
+        if self.inner.trivial {
             return Ok(());
         }
         let root = self.broadcast_bytes(fingerprint.as_bytes(), 0)?;
@@ -753,11 +779,14 @@ mod tests {
             let e = Comm::init(&cfg).unwrap_err().to_string();
             assert!(e.contains("--features mpi"), "{e}");
         }
-        let nccl = DistConfig {
-            backend: Backend::Nccl,
-            ..Default::default()
-        };
-        assert!(Comm::init(&nccl).is_err());
+        if cfg!(not(feature = "nccl")) {
+            let nccl = DistConfig {
+                backend: Backend::Nccl,
+                ..Default::default()
+            };
+            let e = Comm::init(&nccl).unwrap_err().to_string();
+            assert!(e.contains("--features nccl"), "{e}");
+        }
         let bad = DistConfig {
             timeout_s: 0.0,
             ..Default::default()

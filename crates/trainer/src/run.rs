@@ -989,9 +989,13 @@ pub fn read_metrics(run_dir: &Path) -> Result<Vec<StepMetrics>> {
         .collect()
 }
 
-/// The device of this rank: with CUDA, the GPU of its local rank (one process per GPU);
+/// The device of this rank: the communicator's own (NCCL: the GPU of its local rank, on the
+/// stream its all-reduces use); with CUDA, the GPU of its local rank (one process per GPU);
 /// otherwise [`default_device`].
 pub fn rank_device(comm: &Comm) -> Result<Device> {
+    if let Some(device) = comm.device() {
+        return Ok(device);
+    }
     #[cfg(feature = "cuda")]
     return Ok(Device::new_cuda(comm.local_rank())?);
     #[cfg(not(feature = "cuda"))]

@@ -56,8 +56,10 @@ fn mpi_comm() -> Comm {
     .unwrap()
 }
 
-/// The data, a random frozen teacher, a deterministic SAE over its 8-wide layer 0.
+/// The data, a random frozen teacher, a deterministic SAE over its 8-wide layer 0, and the
+/// device they live on.
 struct Fixture {
+    device: Device,
     data: Dataset,
     vocab: usize,
     teacher: Gpt2,
@@ -70,26 +72,31 @@ fn make_data(dir: &Path) {
 }
 
 fn fixture(dir: &Path) -> Fixture {
+    fixture_on(dir, &DEV)
+}
+
+fn fixture_on(dir: &Path, dev: &Device) -> Fixture {
     let data = Dataset::open(dir.join("data")).unwrap();
     let vocab = data.tokenizer().unwrap().vocab_size();
     let teacher = Gpt2::new(
         &Gpt2Config::new(vocab, 16, 8, 2, 2).with_dropout(0.0),
-        &mut Params::random(2, &DEV, false),
+        &mut Params::random(2, dev, false),
     )
     .unwrap();
     let wave = |n: usize, phase: f32| -> Vec<f32> {
         (0..n).map(|i| (i as f32 * 0.7 + phase).sin()).collect()
     };
     let sae = Sae::new(
-        Tensor::zeros(8, DType::F32, &DEV).unwrap(),
-        Tensor::from_vec(wave(24 * 8, 0.3), (24, 8), &DEV).unwrap(),
-        Tensor::zeros(24, DType::F32, &DEV).unwrap(),
-        Tensor::from_vec(wave(8 * 24, 1.1), (8, 24), &DEV).unwrap(),
+        Tensor::zeros(8, DType::F32, dev).unwrap(),
+        Tensor::from_vec(wave(24 * 8, 0.3), (24, 8), dev).unwrap(),
+        Tensor::zeros(24, DType::F32, dev).unwrap(),
+        Tensor::from_vec(wave(8 * 24, 1.1), (8, 24), dev).unwrap(),
         4,
         "test".into(),
     )
     .unwrap();
     Fixture {
+        device: dev.clone(),
         data,
         vocab,
         teacher,
@@ -158,7 +165,7 @@ fn spec<'a>(
         keep_last: 2,
         resume: false,
         stop_after: None,
-        device: DEV,
+        device: f.device.clone(),
         config_text: c.to_toml(),
     }
 }
@@ -197,6 +204,56 @@ fn train_all(f: &Fixture, root: &Path, comm: &Comm) {
         };
         let out = train_dist(&spec(f, root.join(name), objective, labels, 6), comm).unwrap();
         assert_eq!(out.steps, 6);
+    }
+}
+
+/// Every run of [`RUNS`] under `one` (one process) and under `two` (`what`) logged the same
+/// global batches and losses (within [`LOSS_TOL`]), kept the same checkpoints (rank 0 alone
+/// wrote) and ended with the same weights and AdamW moments (within [`WEIGHT_TOL`]).
+fn assert_same_runs(one_root: &Path, two_root: &Path, what: &str) {
+    for (name, _) in RUNS {
+        let (one, two) = (one_root.join(name), two_root.join(name));
+        let (m1, m2) = (metrics(&one), metrics(&two));
+        assert_eq!(m1.len(), 6, "{name}");
+        assert_eq!(m1.len(), m2.len(), "{name}");
+        for (a, b) in m1.iter().zip(&m2) {
+            assert_eq!(a.batch_hash, b.batch_hash, "{name}: same global batches");
+            for (field, x, y) in [
+                ("loss", Some(a.loss), Some(b.loss)),
+                ("loss_ntp", Some(a.loss_ntp), Some(b.loss_ntp)),
+                ("loss_concept", a.loss_concept, b.loss_concept),
+                ("loss_kd", a.loss_kd, b.loss_kd),
+                ("grad_norm", Some(a.grad_norm), Some(b.grad_norm)),
+                ("val_loss", a.val_loss, b.val_loss),
+            ] {
+                match (x, y) {
+                    (Some(x), Some(y)) => assert!(
+                        (x - y).abs() <= LOSS_TOL,
+                        "{name} step {}: {field} {x} (1 process) vs {y} ({what})",
+                        a.step
+                    ),
+                    (x, y) => assert_eq!(x, y, "{name} step {}: {field}", a.step),
+                }
+            }
+        }
+        // Only rank 0 wrote: one metrics line per step, checkpoints 4 and 6, final/.
+        let ck = |d: &Path| -> Vec<u64> {
+            cocomix_trainer::list_checkpoints(d)
+                .iter()
+                .map(|c| c.0)
+                .collect()
+        };
+        assert_eq!(ck(&two), ck(&one));
+        let step6 = |d: &Path| d.join("checkpoints/step-0000006");
+        for file in ["model.safetensors", "optim.safetensors"] {
+            let d = max_abs_diff(&step6(&one).join(file), &step6(&two).join(file));
+            assert!(d <= WEIGHT_TOL, "{name} {file}: max |Δ| {d}");
+        }
+        let d = max_abs_diff(
+            &one.join("final/model.safetensors"),
+            &two.join("final/model.safetensors"),
+        );
+        assert!(d <= WEIGHT_TOL, "{name} final: max |Δ| {d}");
     }
 }
 
@@ -258,53 +315,7 @@ fn two_ranks_train_as_one_process_with_the_same_global_batch() {
     // of one process, byte for byte.
     let bin = |w: &str| std::fs::read(dir.join(w).join("cache/labels.bin")).unwrap();
     assert_eq!(bin("ranks-2"), bin("ranks-1"));
-    for (name, _) in RUNS {
-        let (one, two) = (
-            dir.join("ranks-1").join(name),
-            dir.join("ranks-2").join(name),
-        );
-        let (m1, m2) = (metrics(&one), metrics(&two));
-        assert_eq!(m1.len(), 6, "{name}");
-        assert_eq!(m1.len(), m2.len(), "{name}");
-        for (a, b) in m1.iter().zip(&m2) {
-            assert_eq!(a.batch_hash, b.batch_hash, "{name}: same global batches");
-            for (what, x, y) in [
-                ("loss", Some(a.loss), Some(b.loss)),
-                ("loss_ntp", Some(a.loss_ntp), Some(b.loss_ntp)),
-                ("loss_concept", a.loss_concept, b.loss_concept),
-                ("loss_kd", a.loss_kd, b.loss_kd),
-                ("grad_norm", Some(a.grad_norm), Some(b.grad_norm)),
-                ("val_loss", a.val_loss, b.val_loss),
-            ] {
-                match (x, y) {
-                    (Some(x), Some(y)) => assert!(
-                        (x - y).abs() <= LOSS_TOL,
-                        "{name} step {}: {what} {x} (1 process) vs {y} (2 ranks)",
-                        a.step
-                    ),
-                    (x, y) => assert_eq!(x, y, "{name} step {}: {what}", a.step),
-                }
-            }
-        }
-        // Only rank 0 wrote: one metrics line per step, checkpoints 4 and 6, final/.
-        let ck = |d: &Path| -> Vec<u64> {
-            cocomix_trainer::list_checkpoints(d)
-                .iter()
-                .map(|c| c.0)
-                .collect()
-        };
-        assert_eq!(ck(&two), ck(&one));
-        let step6 = |d: &Path| d.join("checkpoints/step-0000006");
-        for file in ["model.safetensors", "optim.safetensors"] {
-            let d = max_abs_diff(&step6(&one).join(file), &step6(&two).join(file));
-            assert!(d <= WEIGHT_TOL, "{name} {file}: max |Δ| {d}");
-        }
-        let d = max_abs_diff(
-            &one.join("final/model.safetensors"),
-            &two.join("final/model.safetensors"),
-        );
-        assert!(d <= WEIGHT_TOL, "{name} final: max |Δ| {d}");
-    }
+    assert_same_runs(&dir.join("ranks-1"), &dir.join("ranks-2"), "2 ranks");
 }
 
 #[test]
@@ -433,4 +444,34 @@ fn a_killed_rank_ends_the_job_and_the_rerun_resumes_it_exactly() {
         std::fs::read(dir.join("killed/final/model.safetensors")).unwrap(),
         std::fs::read(dir.join("whole/final/model.safetensors")).unwrap()
     );
+}
+
+/// On a GPU, in a build with `nccl`: a world of one through NCCL, whose collectives do run
+/// (on the device, for the gradients), trains as the plain run does.
+#[test]
+fn a_world_of_one_over_nccl_trains_as_the_plain_run() {
+    if cfg!(not(feature = "nccl")) {
+        eprintln!("skipped: built without the `nccl` feature (scripts/build-cuda.sh --nccl)");
+        return;
+    }
+    if let Err(e) = Device::new_cuda(0) {
+        eprintln!("skipped: no GPU here ({e})");
+        return;
+    }
+    let comm = Comm::init(&DistConfig {
+        backend: cocomix_dist::Backend::Nccl,
+        timeout_s: 60.0,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!((comm.rank(), comm.world()), (0, 1));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    make_data(dir);
+    let f = fixture_on(dir, &comm.device().expect("NCCL names its GPU"));
+    train_all(&f, &dir.join("plain"), &Comm::single());
+    train_all(&f, &dir.join("nccl"), &comm);
+    assert!(comm.stats().calls > 0, "the NCCL collectives ran");
+    assert_same_runs(&dir.join("plain"), &dir.join("nccl"), "NCCL");
+    comm.finish();
 }
