@@ -14,7 +14,7 @@
 //! assert_eq!(idx.to_vec2::<u32>()?, vec![vec![1, 3]]); // ties: lower index first
 //! # Ok::<(), cocomix_ops::Error>(())
 //! ```
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 pub mod adamw;
@@ -39,7 +39,9 @@ pub use layer_norm::{
 };
 pub use simd::has_avx2_fma;
 pub use steer::{apply_steer, Steer, SteerMode};
-pub use xent::{softmax_cross_entropy, softmax_cross_entropy_composed};
+pub use xent::{
+    softmax_cross_entropy, softmax_cross_entropy_composed, softmax_kl, softmax_kl_composed,
+};
 
 /// Errors of the ops crate.
 #[derive(Debug, thiserror::Error)]
@@ -299,11 +301,9 @@ pub fn concept_loss(concept_logits: &Tensor, labels: &Tensor) -> Result<Tensor> 
 /// Logits are `[B, T, V]` over the same vocabulary; the teacher gets no gradient.
 pub fn kd_kl(student_logits: &Tensor, teacher_logits: &Tensor, tau: f64) -> Result<Tensor> {
     let (b, t, v) = student_logits.dims3()?;
-    let flat = |x: &Tensor| -> candle_core::Result<Tensor> {
-        x.to_dtype(DType::F32)?.reshape((b * t, v))? / tau
-    };
-    let ls = candle_nn::ops::log_softmax(&flat(student_logits)?, D::Minus1)?;
-    let lt = candle_nn::ops::log_softmax(&flat(&teacher_logits.detach())?, D::Minus1)?;
-    let kl = (lt.exp()? * (lt - ls)?)?.sum(D::Minus1)?; // [N]
-    Ok(kl.mean_all()?)
+    Ok(softmax_kl(
+        &student_logits.reshape((b * t, v))?,
+        &teacher_logits.reshape((b * t, v))?,
+        tau,
+    )?)
 }

@@ -1,7 +1,7 @@
-//! Softmax cross-entropy over a wide last dimension (the vocabulary, the concepts), fused
-//! with its backward on the CPU: the forward reads each row of logits once (max, then
-//! Σ exp) and keeps one log-sum-exp per row; the backward writes `∂L/∂z` in one pass.
-//! No `[N, V]` log-probabilities are ever materialised.
+//! Softmax cross-entropy over a wide last dimension (the vocabulary, the concepts), and the
+//! distillation KL between two softmaxes, fused with their backward on the CPU: the forward
+//! reads each row of logits once (max, then Σ exp) and keeps one log-sum-exp per row; the
+//! backward writes `∂L/∂z` in one pass. No `[N, V]` log-probabilities are ever materialised.
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
@@ -54,24 +54,34 @@ fn block_rows(v: usize) -> usize {
     (65_536 / v.max(1)).max(1)
 }
 
+/// `log Σ exp(inv·x)` of one row (`inv > 0`), one accumulator per lane (fixed order).
+#[inline(always)]
+fn lse_scaled<I: Isa>(x: &[f32], inv: f32) -> f32 {
+    let m = max(x) * inv;
+    let mut acc = [0f32; L];
+    let mut chunks = x.chunks_exact(L);
+    for c in &mut chunks {
+        for l in 0..L {
+            acc[l] += exp::<I>(c[l] * inv - m);
+        }
+    }
+    let mut s: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|&x| exp::<I>(x * inv - m))
+        .sum();
+    for a in acc {
+        s += a;
+    }
+    m + s.ln()
+}
+
 dispatch!(fn lse_rows(z: &[f32], v: usize, lse: &mut [f32]) = lse_body);
 
 #[inline(always)]
 fn lse_body<I: Isa>(z: &[f32], v: usize, lse: &mut [f32]) {
     for (zr, out) in z.chunks_exact(v).zip(lse.iter_mut()) {
-        let m = max(zr);
-        let mut acc = [0f32; L];
-        let mut chunks = zr.chunks_exact(L);
-        for c in &mut chunks {
-            for l in 0..L {
-                acc[l] += exp::<I>(c[l] - m);
-            }
-        }
-        let mut s: f32 = chunks.remainder().iter().map(|&x| exp::<I>(x - m)).sum();
-        for a in acc {
-            s += a;
-        }
-        *out = m + s.ln();
+        *out = lse_scaled::<I>(zr, 1.0);
     }
 }
 
@@ -167,5 +177,178 @@ impl CustomOp2 for SoftmaxXent {
             })
         })??;
         Ok((Some(Tensor::from_vec(dz, (n, v), z.device())?), None))
+    }
+}
+
+/// Mean over rows of KL(softmax(t/τ) ‖ softmax(s/τ)): knowledge distillation's term, the
+/// teacher `t` getting no gradient. `student`, `teacher [N, V]` (f32 on the CPU for the fused
+/// kernel, which keeps two log-sum-exps per row and writes `∂/∂s` in one pass).
+pub fn softmax_kl(student: &Tensor, teacher: &Tensor, tau: f64) -> candle_core::Result<Tensor> {
+    if student.dims2()? != teacher.dims2()? {
+        candle_core::bail!(
+            "distillation KL: student logits {:?} but teacher logits {:?}",
+            student.dims(),
+            teacher.dims()
+        )
+    }
+    if !(tau > 0.0 && tau.is_finite()) {
+        candle_core::bail!("distillation KL: temperature {tau} must be positive")
+    }
+    let teacher = teacher.detach();
+    if use_fused(&[student, &teacher]) {
+        return student.contiguous()?.apply_op2(
+            &teacher.contiguous()?,
+            SoftKl {
+                inv: (1.0 / tau) as f32,
+                lse: Mutex::new(Vec::new()),
+            },
+        );
+    }
+    softmax_kl_composed(student, &teacher, tau)
+}
+
+/// The same from Candle ops (other devices and dtypes; test reference).
+pub fn softmax_kl_composed(
+    student: &Tensor,
+    teacher: &Tensor,
+    tau: f64,
+) -> candle_core::Result<Tensor> {
+    let scaled = |x: &Tensor| -> candle_core::Result<Tensor> {
+        match x.dtype() {
+            DType::F64 => x / tau,
+            _ => x.to_dtype(DType::F32)? / tau,
+        }
+    };
+    let ls = candle_nn::ops::log_softmax(&scaled(student)?, D::Minus1)?;
+    let lt = candle_nn::ops::log_softmax(&scaled(&teacher.detach())?, D::Minus1)?;
+    (lt.exp()? * (lt - ls)?)?.sum(D::Minus1)?.mean_all()
+}
+
+struct SoftKl {
+    /// 1 / τ.
+    inv: f32,
+    /// The student's and the teacher's log-sum-exp of each row, interleaved.
+    lse: Mutex<Vec<f32>>,
+}
+
+dispatch!(fn kl_rows(s: &[f32], t: &[f32], v: usize, inv: f32, lse: &mut [f32]) -> f64 = kl_body);
+
+/// Σ over the rows of KL(p_t ‖ p_s), writing each row's two log-sum-exps.
+#[inline(always)]
+fn kl_body<I: Isa>(s: &[f32], t: &[f32], v: usize, inv: f32, lse: &mut [f32]) -> f64 {
+    let mut total = 0f64;
+    for ((sr, tr), out) in s
+        .chunks_exact(v)
+        .zip(t.chunks_exact(v))
+        .zip(lse.chunks_exact_mut(2))
+    {
+        let (ls, lt) = (lse_scaled::<I>(sr, inv), lse_scaled::<I>(tr, inv));
+        // p_t · (log p_t − log p_s), one accumulator per lane.
+        let term = |sj: f32, tj: f32| {
+            let log_pt = tj * inv - lt;
+            exp::<I>(log_pt) * (log_pt - (sj * inv - ls))
+        };
+        let mut acc = [0f32; L];
+        let (sc, tc) = (sr.chunks_exact(L), tr.chunks_exact(L));
+        let (s_rem, t_rem) = (sc.remainder(), tc.remainder());
+        for (a, b) in sc.zip(tc) {
+            for l in 0..L {
+                acc[l] += term(a[l], b[l]);
+            }
+        }
+        let mut row: f32 = s_rem.iter().zip(t_rem).map(|(&a, &b)| term(a, b)).sum();
+        for a in acc {
+            row += a;
+        }
+        total += row as f64;
+        out[0] = ls;
+        out[1] = lt;
+    }
+    total
+}
+
+dispatch!(fn kl_grad_rows(s: &[f32], t: &[f32], v: usize, inv: f32, lse: &[f32], scale: f32, ds: &mut [f32]) = kl_grad_body);
+
+/// `ds = scale·(p_s − p_t)` per row.
+#[inline(always)]
+fn kl_grad_body<I: Isa>(
+    s: &[f32],
+    t: &[f32],
+    v: usize,
+    inv: f32,
+    lse: &[f32],
+    scale: f32,
+    ds: &mut [f32],
+) {
+    for (((sr, tr), dr), l) in s
+        .chunks_exact(v)
+        .zip(t.chunks_exact(v))
+        .zip(ds.chunks_exact_mut(v))
+        .zip(lse.chunks_exact(2))
+    {
+        for j in 0..v {
+            dr[j] = scale * (exp::<I>(sr[j] * inv - l[0]) - exp::<I>(tr[j] * inv - l[1]));
+        }
+    }
+}
+
+impl CustomOp2 for SoftKl {
+    fn name(&self) -> &'static str {
+        "fused-softmax-kl"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ss: &CpuStorage,
+        sl: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = contiguous_f32(ss, sl, self.name())?;
+        let t = contiguous_f32(ts, tl, self.name())?;
+        let (n, v) = sl.shape().dims2()?;
+        let mut lse = vec![0f32; 2 * n];
+        let br = block_rows(v);
+        let sums: Vec<f64> = lse
+            .par_chunks_mut(2 * br)
+            .zip(s.par_chunks(br * v).zip(t.par_chunks(br * v)))
+            .map(|(lc, (sc, tc))| kl_rows(sc, tc, v, self.inv, lc))
+            .collect();
+        let loss = sums.iter().sum::<f64>() / n.max(1) as f64;
+        *self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("lse lock".into()))? = lse;
+        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        s: &Tensor,
+        t: &Tensor,
+        _loss: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, v) = s.dims2()?;
+        let g = g.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let scale = g * self.inv / n.max(1) as f32;
+        let lse = self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("lse lock".into()))?;
+        let ds = with_host(s, self.name(), |s| {
+            with_host(t, self.name(), |t| {
+                let mut ds = vec![0f32; n * v];
+                let br = block_rows(v);
+                ds.par_chunks_mut(br * v)
+                    .zip(s.par_chunks(br * v).zip(t.par_chunks(br * v)))
+                    .zip(lse.par_chunks(2 * br))
+                    .for_each(|((dc, (sc, tc)), lc)| {
+                        kl_grad_rows(sc, tc, v, self.inv, lc, scale, dc)
+                    });
+                ds
+            })
+        })??;
+        Ok((Some(Tensor::from_vec(ds, (n, v), s.device())?), None))
     }
 }

@@ -5,9 +5,9 @@ use cocomix_ops::adamw::{sum_squares, AdamWStep};
 use cocomix_ops::fused::with_fused;
 use cocomix_ops::{
     add_dropout, bias_add, bias_gelu, bias_gelu_composed, causal_attention,
-    causal_attention_composed, causal_attention_qkv, concept_loss, cross_entropy,
-    layer_norm_composed, softmax_cross_entropy, softmax_cross_entropy_composed,
-    unbiased_layer_norm, unbiased_layer_norm_composed, DropoutKey, LayerNorm,
+    causal_attention_composed, causal_attention_qkv, concept_loss, cross_entropy, kd_kl,
+    layer_norm_composed, softmax_cross_entropy, softmax_cross_entropy_composed, softmax_kl,
+    softmax_kl_composed, unbiased_layer_norm, unbiased_layer_norm_composed, DropoutKey, LayerNorm,
 };
 
 type R = candle_core::Result<()>;
@@ -305,6 +305,55 @@ fn cross_entropy_matches_composed_and_finite_differences() -> R {
     // Out-of-range targets are an error, not a panic.
     let bad = Tensor::new(&[[v as u32]], &DEV)?;
     assert!(softmax_cross_entropy(&z.narrow(0, 0, 1)?, &bad).is_err());
+    Ok(())
+}
+
+#[test]
+fn distillation_kl_matches_composed_and_finite_differences() -> R {
+    let (n, v) = (23, 300);
+    let s = (randn(&[n, v], 21) * 3.0)?;
+    let t = (randn(&[n, v], 22) * 2.0)?;
+    for tau in [1.0, 2.0] {
+        let sv = Var::from_tensor(&s)?;
+        let kl = softmax_kl(sv.as_tensor(), &t, tau)?;
+        let want = softmax_kl_composed(&s, &t, tau)?;
+        assert_close("distillation KL", &kl, &want, 1e-5);
+        assert!(
+            kl.to_scalar::<f32>()? > 0.1,
+            "distinct distributions are apart"
+        );
+        let g = grad_of(&(kl * 1.5)?, &sv);
+        check_grad(
+            "distillation KL ds",
+            &|s| softmax_kl_composed(s, &t.to_dtype(DType::F64)?, tau)? * 1.5,
+            &s,
+            &g,
+            5,
+        );
+    }
+    // KL of a distribution with itself is 0, with a zero gradient.
+    let sv = Var::from_tensor(&s)?;
+    let same = softmax_kl(sv.as_tensor(), &s, 1.0)?;
+    assert!(same.to_scalar::<f32>()?.abs() < 1e-5);
+    assert!(max_diff(&grad_of(&same, &sv), &s.zeros_like()?) < 1e-7);
+    // The trainer's entry ([B, T, V] logits) takes the fused path and gives no teacher gradient.
+    let tv = Var::from_tensor(&t)?;
+    let kd = kd_kl(
+        &sv.as_tensor().unsqueeze(0)?,
+        &tv.as_tensor().unsqueeze(0)?,
+        1.0,
+    )
+    .unwrap();
+    let grads = kd.backward()?;
+    assert!(grads.get(tv.as_tensor()).is_none(), "the teacher is frozen");
+    let want = with_fused(false, || {
+        kd_kl(&s.unsqueeze(0).unwrap(), &t.unsqueeze(0).unwrap(), 1.0)
+    })
+    .unwrap();
+    assert_close("kd_kl", &kd, &want, 1e-5);
+    // Mismatched shapes and a bad temperature are errors, not panics.
+    assert!(softmax_kl(&s, &t.narrow(1, 0, 10)?, 1.0).is_err());
+    assert!(softmax_kl(&s, &t, 0.0).is_err());
     Ok(())
 }
 

@@ -352,8 +352,15 @@ fn losses(spec: &TrainSpec, student: &Student, b: &Batch, dropout: &mut Dropout)
         let tl = teacher.logits(&b.x)?;
         let (a, tau) = (spec.kd.alpha, spec.kd.tau);
         let kl = kd_kl(&out.logits, &tl, tau)?;
+        let kd_term = (&kl * (a * tau * tau))?;
+        // α = 1 (the default): the CE is only logged, so its backward is not run.
+        let total = if a == 1.0 {
+            kd_term
+        } else {
+            (kd_term + (ce * (1.0 - a))?)?
+        };
         return Ok(Losses {
-            total: ((&kl * (a * tau * tau))? + (ce * (1.0 - a))?)?,
+            total,
             kd: Some(kl.to_scalar::<f32>()? as f64),
             ..plain
         });
