@@ -6,6 +6,10 @@
 #   all    quick, then one optimizer step of every objective at the default and the 69M
 #          shapes (T = 1024, bf16, batch $BATCH): tokens/s, peak GPU memory (nvidia-smi,
 #          sampled) and MFU against the card's dense bf16 peak (989 TFLOP/s, H100 SXM/H200).
+#   nccl   (with a binary from scripts/build-cuda.sh --nccl and libnccl.so.2 on the GPU machine;
+#          also run at the end of `all` when the binary links NCCL) two short runs of the
+#          default job's students, 20 steps, one plain and one through NCCL as a world of one:
+#          their per-step losses must agree (nccl.json).
 # STAGE=quick runs the first stage alone (do that first). Every step has its own timeout, so
 # a hang costs minutes, not the whole GPU budget; any failure stops the script with a
 # non-zero exit and a message. Results go to $OUT (default ./gpu-check): gpu.csv,
@@ -36,11 +40,46 @@ step() {
 }
 
 case $stage in
-  quick | all) ;;
-  *) die "STAGE=$stage: expected quick or all" ;;
+  quick | all | nccl) ;;
+  *) die "STAGE=$stage: expected quick, all or nccl" ;;
 esac
 [ -x "$bin" ] || die "$bin: no cocomix binary (build it with scripts/build-cuda.sh or set COCOMIX_BIN)"
 mkdir -p "$out"
+
+# nccl_check: the default job's students (NTP, CoCoMix), 20 steps, plain and over NCCL.
+nccl_check() {
+  local runs="$out/nccl-runs" mode
+  for mode in single nccl; do
+    step "20 steps, dist.backend = $mode" "${NCCL_TIMEOUT:-240}" "$bin" train \
+      --config configs/default.toml --set run.out_dir="$runs" --set run.name="$mode" \
+      --set run.seeds=1 --set optim.steps=20 --set eval.every=10 --set concept.cache_windows=320 \
+      --set dist.backend="$mode"
+  done
+  step "compare" 30 python3 - "$runs" "$out/nccl.json" <<'PY'
+import json, pathlib, sys
+runs, out = pathlib.Path(sys.argv[1]), sys.argv[2]
+rows, worst = [], 0.0
+for arm in ("ntp", "cocomix"):
+    def losses(mode):
+        p = runs / mode / arm / "seed-22" / "metrics.jsonl"
+        return [json.loads(l)["loss"] for l in p.read_text().splitlines()]
+    a, b = losses("single"), losses("nccl")
+    assert len(a) == len(b) == 20, (arm, len(a), len(b))
+    d = max(abs(x - y) for x, y in zip(a, b))
+    worst = max(worst, d)
+    rows.append({"arm": arm, "steps": len(a), "max_abs_loss_diff": d, "final": [a[-1], b[-1]]})
+json.dump({"rows": rows}, open(out, "w"), indent=1)
+print(json.dumps(rows, indent=1))
+# CUDA runs are not bit-reproducible (atomic adds in some kernels): a loose tolerance.
+assert worst <= 1e-3, f"NCCL world of one differs from the plain run by {worst}"
+PY
+  echo "gpu-check: NCCL world of one matches the plain run" >&2
+}
+
+if [ "$stage" = nccl ]; then
+  nccl_check
+  exit 0
+fi
 
 step "GPU" 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.csv"
 cat "$out/gpu.csv"
@@ -75,4 +114,7 @@ res = {"device": r.get("device"), "peak_gpu_memory_mib": max(mem, default=0), "r
 json.dump(res, open(f"{out}/mfu.json", "w"), indent=1)
 print(json.dumps(res, indent=1))
 PY
+if readelf -d "$bin" 2>/dev/null | grep -q libnccl; then
+  nccl_check
+fi
 echo "gpu-check: all stages passed" >&2
