@@ -55,6 +55,22 @@ impl Mpi {
     }
 }
 
+impl Mpi {
+    /// Sums `buf` over the ranks, in place.
+    fn sum<T: Equivalence + Clone>(&self, buf: &mut [T], w: &Wait) -> Result<()> {
+        let send = buf.to_vec();
+        mpi::request::scope(|scope| {
+            poll!(
+                self,
+                w,
+                self.world
+                    .immediate_all_reduce_into(scope, &send[..], buf, SystemOperation::sum())
+            )
+        });
+        Ok(())
+    }
+}
+
 impl Engine for Mpi {
     fn rank(&self) -> usize {
         self.rank
@@ -67,29 +83,11 @@ impl Engine for Mpi {
     }
 
     fn all_reduce_f32(&self, buf: &mut [f32], w: &Wait) -> Result<()> {
-        let send = buf.to_vec();
-        mpi::request::scope(|scope| {
-            poll!(
-                self,
-                w,
-                self.world
-                    .immediate_all_reduce_into(scope, &send[..], buf, SystemOperation::sum())
-            )
-        });
-        Ok(())
+        self.sum(buf, w)
     }
 
     fn all_reduce_f64(&self, buf: &mut [f64], w: &Wait) -> Result<()> {
-        let send = buf.to_vec();
-        mpi::request::scope(|scope| {
-            poll!(
-                self,
-                w,
-                self.world
-                    .immediate_all_reduce_into(scope, &send[..], buf, SystemOperation::sum())
-            )
-        });
-        Ok(())
+        self.sum(buf, w)
     }
 
     fn broadcast(&self, buf: &mut [u8], root: usize, w: &Wait) -> Result<()> {
