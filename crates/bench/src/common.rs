@@ -1,12 +1,14 @@
 //! What every case shares: the device, the timing loop, peak memory, random weights and
 //! synthetic data folders.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use cocomix_data::{DataMeta, Dataset, TokenDtype};
+use cocomix_model::StudentConfig;
 use cocomix_model::{Gpt2, Gpt2Config, Params};
 use cocomix_sae::Sae;
+use cocomix_trainer::{Objective, RunConfig, TrainSpec};
 
 use crate::Result;
 
@@ -116,4 +118,55 @@ pub fn synthetic_data(
         serde_json::to_string_pretty(&meta).map_err(|e| crate::Error::Other(e.to_string()))?;
     std::fs::write(dir.join("meta.json"), json)?;
     Ok(Dataset::open(dir)?)
+}
+
+/// The trainer run of a `train` or `dist` case: NTP with `student` for `steps` optimizer steps
+/// of `batch` sequences from `data` (no warm-up, no accumulation, no evaluation or checkpoint
+/// in between) under `r`'s optimizer, on the CPU. Cases change the fields they need.
+pub fn bench_spec<'a>(
+    r: &RunConfig,
+    student: StudentConfig,
+    data: &'a Dataset,
+    run_dir: PathBuf,
+    steps: u64,
+    batch: usize,
+) -> TrainSpec<'a> {
+    let mut optim = r.optim.clone();
+    optim.steps = steps;
+    optim.warmup = 0;
+    optim.batch_size = batch;
+    optim.grad_accum = 1;
+    TrainSpec {
+        objective: Objective::Ntp,
+        student,
+        optim,
+        data,
+        run_dir,
+        seed: 0,
+        teacher: None,
+        labels: None,
+        concept: r.concept.clone(),
+        kd: r.kd.clone(),
+        eval_every: 1_000_000,
+        max_val_blocks: 1,
+        checkpoint_every: 1_000_000,
+        keep_last: 1,
+        resume: false,
+        stop_after: None,
+        aligned_windows: None,
+        device: Device::Cpu,
+        config_text: String::new(),
+    }
+}
+
+/// Tokens per second of a finished bench run: the harmonic mean over its steps, the first
+/// (allocation warm-up) left out when there are more than two.
+pub fn run_tokens_per_s(run_dir: &Path) -> Result<f64> {
+    let m = cocomix_trainer::read_metrics(run_dir)?;
+    let timed: Vec<f64> = m
+        .iter()
+        .skip(if m.len() > 2 { 1 } else { 0 })
+        .map(|r| r.tokens_per_s)
+        .collect();
+    Ok(timed.len() as f64 / timed.iter().map(|x| 1.0 / x).sum::<f64>())
 }

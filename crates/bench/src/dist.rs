@@ -8,7 +8,7 @@ use cocomix_dist::{Backend, Comm, DistConfig, ReduceOp};
 use cocomix_trainer::Objective;
 use serde_json::{json, Value};
 
-use crate::common::synthetic_data;
+use crate::common::{bench_spec, run_tokens_per_s, synthetic_data};
 use crate::configs::BenchConfig;
 use crate::{Error, Result};
 
@@ -109,43 +109,14 @@ fn train_throughput(case: &str, comm: &Comm) -> Result<Value> {
     let dir = std::path::PathBuf::from(String::from_utf8_lossy(&dir).into_owned());
     comm.barrier()?;
     let data = cocomix_data::Dataset::open(dir.join("data"))?;
-    let r = &bc.run;
     let steps = 8;
-    let mut optim = r.optim.clone();
-    optim.steps = steps;
-    optim.warmup = 0;
-    optim.batch_size = batch;
-    optim.grad_accum = 1;
-    let spec = cocomix_trainer::TrainSpec {
-        objective: cocomix_trainer::Objective::Ntp,
-        student,
-        optim,
-        data: &data,
-        run_dir: dir.join("run"),
-        seed: 0,
-        teacher: None,
-        labels: None,
-        concept: r.concept.clone(),
-        kd: r.kd.clone(),
-        eval_every: 1_000_000,
-        max_val_blocks: 1,
-        checkpoint_every: 1_000_000,
-        keep_last: 1,
-        resume: false,
-        stop_after: None,
-        aligned_windows: None,
-        device: Device::Cpu,
-        config_text: String::new(),
-    };
+    let spec = bench_spec(&bc.run, student, &data, dir.join("run"), steps, batch);
     let before = comm.stats();
     cocomix_trainer::train_dist(&spec, comm)?;
     let stats = comm.stats();
     // Rank 0 reads the step times; all ranks report them.
     let tps = if comm.is_root() {
-        let m = cocomix_trainer::read_metrics(&dir.join("run"))?;
-        // Skip the first step (allocation warm-up): harmonic mean of the rest.
-        let rest: Vec<f64> = m.iter().skip(1).map(|r| r.tokens_per_s).collect();
-        rest.len() as f64 / rest.iter().map(|x| 1.0 / x).sum::<f64>()
+        run_tokens_per_s(&dir.join("run"))?
     } else {
         0.0
     };

@@ -9,7 +9,7 @@ use cocomix_sae::Sae;
 use cocomix_trainer::{Labels, Objective, Precision, TrainSpec};
 use serde_json::{json, Value};
 
-use crate::common::{device, random_gpt2, synthetic_data};
+use crate::common::{bench_spec, device, random_gpt2, run_tokens_per_s, synthetic_data};
 use crate::configs::BenchConfig;
 use crate::{Error, Result};
 
@@ -110,44 +110,25 @@ pub fn train_case(case: &str, batch_69m: Option<usize>, precision: Precision) ->
         }
         _ => None,
     };
-    let mut optim = r.optim.clone();
-    optim.steps = steps;
-    optim.warmup = 0;
-    optim.batch_size = batch;
-    optim.grad_accum = 1;
-    optim.precision = precision;
-    let spec = TrainSpec {
+    let mut spec = TrainSpec {
         objective: kind,
-        student: student.clone(),
-        optim,
-        data: &data,
-        run_dir: dir.path().join("run"),
-        seed: 0,
         teacher: Some(&teacher),
         labels,
-        concept: r.concept.clone(),
-        kd: r.kd.clone(),
-        eval_every: 1_000_000,
-        max_val_blocks: 1,
-        checkpoint_every: 1_000_000,
-        keep_last: 1,
-        resume: false,
-        stop_after: None,
-        aligned_windows: None,
         device: dev.clone(),
-        config_text: String::new(),
+        ..bench_spec(
+            r,
+            student.clone(),
+            &data,
+            dir.path().join("run"),
+            steps,
+            batch,
+        )
     };
+    spec.optim.precision = precision;
     let t0 = Instant::now();
     cocomix_trainer::train(&spec)?;
     let wall = t0.elapsed().as_secs_f64();
-    let m = cocomix_trainer::read_metrics(&dir.path().join("run"))?;
-    // Skip the first step (allocation warm-up) when there are several; harmonic mean.
-    let timed: Vec<f64> = m
-        .iter()
-        .skip(if m.len() > 2 { 1 } else { 0 })
-        .map(|r| r.tokens_per_s)
-        .collect();
-    let tps = timed.len() as f64 / timed.iter().map(|x| 1.0 / x).sum::<f64>();
+    let tps = run_tokens_per_s(&dir.path().join("run"))?;
     Ok(json!({
         "case": case, "config": bc.file, "objective": objective, "size": size, "batch": batch,
         "seq_len": t, "precision": precision, "tokens_per_s": tps, "step_s": (batch * t) as f64 / tps,
