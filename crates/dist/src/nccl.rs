@@ -146,8 +146,14 @@ impl Nccl {
         Ok(())
     }
 
-    /// Sums a host buffer over the ranks through the device.
-    fn host_sum<T: DeviceRepr + NcclType>(&self, buf: &mut [T], w: &Wait) -> Result<()> {
+    /// Runs the collective `op` on a device copy of the host buffer `buf` and copies the
+    /// result back (an empty buffer is a barrier).
+    fn through_device<T: DeviceRepr + NcclType>(
+        &self,
+        buf: &mut [T],
+        w: &Wait,
+        op: impl FnOnce(&mut CudaSlice<T>) -> Result<()>,
+    ) -> Result<()> {
         if buf.is_empty() {
             return self.barrier(w);
         }
@@ -155,9 +161,7 @@ impl Nccl {
             .stream
             .clone_htod(buf)
             .map_err(cuda_err("copy to the GPU"))?;
-        self.comm
-            .all_reduce_in_place(&mut dev, &ReduceOp::Sum)
-            .map_err(nccl_err("ncclAllReduce"))?;
+        op(&mut dev)?;
         self.wait(w)?;
         self.stream
             .memcpy_dtoh(&dev, buf)
@@ -165,6 +169,16 @@ impl Nccl {
         self.stream
             .synchronize()
             .map_err(cuda_err("copy from the GPU"))
+    }
+
+    /// Sums a host buffer over the ranks through the device.
+    fn host_sum<T: DeviceRepr + NcclType>(&self, buf: &mut [T], w: &Wait) -> Result<()> {
+        self.through_device(buf, w, |dev| {
+            self.comm
+                .all_reduce_in_place(dev, &ReduceOp::Sum)
+                .map(drop)
+                .map_err(nccl_err("ncclAllReduce"))
+        })
     }
 
     /// A new device buffer holding `src[start..end]` summed over the ranks.
@@ -191,7 +205,7 @@ impl Nccl {
                 self.device.location()
             )));
         }
-        let flat = flat.flatten_all()?.contiguous()?;
+        let flat = flat.contiguous()?;
         let summed = {
             let (storage, layout) = flat.storage_and_layout();
             let Storage::Cuda(cs) = &*storage else {
@@ -240,23 +254,12 @@ impl Engine for Nccl {
         self.host_sum(buf, w)
     }
     fn broadcast(&self, buf: &mut [u8], root: usize, w: &Wait) -> Result<()> {
-        if buf.is_empty() {
-            return self.barrier(w);
-        }
-        let mut dev = self
-            .stream
-            .clone_htod(buf)
-            .map_err(cuda_err("copy to the GPU"))?;
-        self.comm
-            .broadcast_in_place(&mut dev, root as i32)
-            .map_err(nccl_err("ncclBroadcast"))?;
-        self.wait(w)?;
-        self.stream
-            .memcpy_dtoh(&dev, buf)
-            .map_err(cuda_err("copy from the GPU"))?;
-        self.stream
-            .synchronize()
-            .map_err(cuda_err("copy from the GPU"))
+        self.through_device(buf, w, |dev| {
+            self.comm
+                .broadcast_in_place(dev, root as i32)
+                .map(drop)
+                .map_err(nccl_err("ncclBroadcast"))
+        })
     }
     fn barrier(&self, w: &Wait) -> Result<()> {
         self.host_sum(&mut [0f32], w)

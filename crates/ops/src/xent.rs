@@ -2,7 +2,7 @@
 //! distillation KL between two softmaxes, fused with their backward on the CPU: the forward
 //! reads each row of logits once (max, then Σ exp) and keeps one log-sum-exp per row; the
 //! backward writes `∂L/∂z` in one pass. No `[N, V]` log-probabilities are ever materialised.
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -22,7 +22,7 @@ pub fn softmax_cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::
         return logits.contiguous()?.apply_op2(
             &targets.to_dtype(DType::U32)?.contiguous()?,
             SoftmaxXent {
-                lse: Mutex::new(Vec::new()),
+                lse: Saved::default(),
             },
         );
     }
@@ -46,7 +46,24 @@ pub fn softmax_cross_entropy_composed(
 
 struct SoftmaxXent {
     /// log Σ exp of each row, written by the forward for the backward.
-    lse: Mutex<Vec<f32>>,
+    lse: Saved,
+}
+
+/// What a forward keeps for its backward (the row log-sum-exps).
+#[derive(Default)]
+struct Saved(Mutex<Vec<f32>>);
+
+impl Saved {
+    fn put(&self, v: Vec<f32>) -> candle_core::Result<()> {
+        *self.get()? = v;
+        Ok(())
+    }
+
+    fn get(&self) -> candle_core::Result<MutexGuard<'_, Vec<f32>>> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("saved log-sum-exps: poisoned lock".into()))
+    }
 }
 
 /// Rows per parallel task (fixed: the loss sum order never depends on scheduling).
@@ -136,10 +153,7 @@ impl CustomOp2 for SoftmaxXent {
             })
             .collect();
         let loss = sums.iter().sum::<f64>() / (n * k).max(1) as f64;
-        *self
-            .lse
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("lse lock".into()))? = lse;
+        self.lse.put(lse)?;
         Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
     }
 
@@ -154,10 +168,7 @@ impl CustomOp2 for SoftmaxXent {
         let k = t.dim(1)?;
         let g = g.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let scale = g / (n * k).max(1) as f32;
-        let lse = self
-            .lse
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("lse lock".into()))?;
+        let lse = self.lse.get()?;
         let dz = with_host(z, self.name(), |z| {
             with_host_u32(t, self.name(), |t| {
                 let mut dz = vec![0f32; n * v];
@@ -200,7 +211,7 @@ pub fn softmax_kl(student: &Tensor, teacher: &Tensor, tau: f64) -> candle_core::
             &teacher.contiguous()?,
             SoftKl {
                 inv: (1.0 / tau) as f32,
-                lse: Mutex::new(Vec::new()),
+                lse: Saved::default(),
             },
         );
     }
@@ -228,7 +239,7 @@ struct SoftKl {
     /// 1 / τ.
     inv: f32,
     /// The student's and the teacher's log-sum-exp of each row, interleaved.
-    lse: Mutex<Vec<f32>>,
+    lse: Saved,
 }
 
 dispatch!(fn kl_rows(s: &[f32], t: &[f32], v: usize, inv: f32, lse: &mut [f32]) -> f64 = kl_body);
@@ -315,10 +326,7 @@ impl CustomOp2 for SoftKl {
             .map(|(lc, (sc, tc))| kl_rows(sc, tc, v, self.inv, lc))
             .collect();
         let loss = sums.iter().sum::<f64>() / n.max(1) as f64;
-        *self
-            .lse
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("lse lock".into()))? = lse;
+        self.lse.put(lse)?;
         Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
     }
 
@@ -332,10 +340,7 @@ impl CustomOp2 for SoftKl {
         let (n, v) = s.dims2()?;
         let g = g.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let scale = g * self.inv / n.max(1) as f32;
-        let lse = self
-            .lse
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("lse lock".into()))?;
+        let lse = self.lse.get()?;
         let ds = with_host(s, self.name(), |s| {
             with_host(t, self.name(), |t| {
                 let mut ds = vec![0f32; n * v];

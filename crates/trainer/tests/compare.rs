@@ -97,19 +97,21 @@ fn tiny_data(dir: &Path) -> (Dataset, Tokenizer) {
     prepare_toy(dir, &text, two_docs(dir, &text, 500), 0.3)
 }
 
+/// A run of 4 steps of 4 sequences, evaluated and checkpointed every 2.
+const TINY_RUN: [&str; 6] = [
+    "optim.steps=4",
+    "optim.warmup=1",
+    "optim.batch_size=4",
+    "eval.every=2",
+    "eval.max_val_blocks=2",
+    "checkpoint.every=2",
+];
+
 fn tiny_cfg(out: &Path) -> RunConfig {
     let o: Vec<String> = TINY_STUDENT
         .iter()
-        .chain(&[
-            "sae.n_latents=24",
-            "sae.k=4",
-            "optim.steps=4",
-            "optim.warmup=1",
-            "optim.batch_size=4",
-            "eval.every=2",
-            "eval.max_val_blocks=2",
-            "checkpoint.every=2",
-        ])
+        .chain(&["sae.n_latents=24", "sae.k=4"])
+        .chain(&TINY_RUN)
         .map(|s| s.to_string())
         .chain([format!("run.out_dir=\"{}\"", out.display())])
         .collect();
@@ -378,15 +380,10 @@ fn a_tiny_job_over_two_seeds() {
             "teacher.train.steps=3",
             "data.vocab_size=300",
             "data.val_fraction=0.3",
-            "optim.steps=4",
-            "optim.warmup=1",
-            "optim.batch_size=4",
-            "eval.every=2",
-            "eval.max_val_blocks=2",
-            "checkpoint.every=2",
             "run.seeds=2",
             "run.objectives=[\"ntp\", \"cocomix\", \"mix-only\"]",
         ])
+        .chain(&TINY_RUN)
         .map(|s| s.to_string())
         .collect();
     o.push(format!("run.out_dir=\"{}\"", dir.path().display()));
