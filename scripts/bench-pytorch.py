@@ -23,7 +23,7 @@ Differences from the Rust side, all deliberate and all outside the timed math:
     `compress_layer(mask * z)` instead.
 
 Usage: bench-pytorch.py [--small] [--json] [--threads N] [--precision f32|bf16]
-                        [--compress sparse|dense] [--case CASE]
+                        [--compress sparse|dense] [--case CASE [--shapes JSON]]
 Needs torch (CPU wheel is enough): python3 -m venv venv && venv/bin/pip install torch \
     --index-url https://download.pytorch.org/whl/cpu
 """
@@ -50,20 +50,26 @@ CASES_BIG = [
 ]
 
 
-def shapes(size, cocomix):
-    """Student, concept, teacher shapes, batch and SAE layer of configs/default.toml and
-    configs/gpt2-69m.toml, as the Rust bench reads them."""
+def shapes(size, objective):
+    """Student, concept, teacher, SAE shapes and batch of a case: those of configs/default.toml
+    (with assets/teacher/config.json) and configs/gpt2-69m.toml as of this writing. `cargo
+    xtask bench train --vs-pytorch` passes the Rust case's own shapes (`--shapes`) instead, so
+    the comparison cannot drift from the configs."""
+    cocomix = objective.startswith("cocomix")
     if size == "default":
-        student = dict(vocab=2048, ctx=128, d=96 if cocomix else 112, layers=4, heads=4)
-        concept = dict(c=1024, kc=16, insert=1) if cocomix else None
-        teacher = dict(vocab=2048, ctx=128, d=128, layers=4, heads=4, layer=2)
+        student = dict(vocab=2048, ctx=128, d=96 if cocomix else 128, layers=4, heads=4)
+        concept = dict(c=4096, kc=16, insert=1)
+        teacher = dict(vocab=2048, ctx=128, d=256, layers=6, heads=8, layer=2)
+        sae = dict(n_latents=4096, k=16)
         batch = 16
     else:
         student = dict(vocab=50257, ctx=1024, d=512 if cocomix else 624, layers=8, heads=8)
-        concept = dict(c=32768, kc=32, insert=3) if cocomix else None
+        concept = dict(c=32768, kc=32, insert=3)
         teacher = dict(vocab=50257, ctx=1024, d=768, layers=12, heads=12, layer=5)
+        sae = dict(n_latents=32768, k=32)
         batch = 1
-    return student, concept, teacher, batch
+    return dict(student=student, concept=concept if cocomix else None, teacher=teacher,
+                sae=sae, batch=batch)
 
 
 def run_case(case, args):
@@ -76,9 +82,10 @@ def run_case(case, args):
     rest = case[len("train-"):]
     size, objective = rest.split("-", 1)
     cocomix = objective.startswith("cocomix")
-    sc, cc, tc, batch = shapes(size, cocomix)
-    if args.batch and size == "69m":
-        batch = args.batch
+    shp = json.loads(args.shapes) if args.shapes else shapes(size, objective)
+    if args.batch and size == "69m" and not args.shapes:
+        shp["batch"] = args.batch
+    sc, cc, tc, batch = shp["student"], shp["concept"], shp["teacher"], shp["batch"]
     t = sc["ctx"]
     autocast = args.precision == "bf16"
 
@@ -182,8 +189,7 @@ def run_case(case, args):
     model.train()
 
     teacher = sae = None
-    n_latents = cc["c"] if cc else (32768 if sc["vocab"] > 4096 else 1024)
-    k_sae = 32 if n_latents > 4096 else 16
+    n_latents, k_sae = shp["sae"]["n_latents"], shp["sae"]["k"]
     layer = tc["layer"]
     if objective in ("kd", "cocomix-online"):
         teacher = Gpt2(tc["vocab"], tc["ctx"], tc["d"], tc["layers"], tc["heads"], 0.0).eval()
@@ -287,6 +293,7 @@ def run_case(case, args):
         "precision": args.precision, "compress": args.compress, "tokens_per_s": rate,
         "step_s": batch * t / rate,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "shapes": shp,
     }
 
 
@@ -299,6 +306,8 @@ def main():
     ap.add_argument("--compress", choices=["sparse", "dense"], default="sparse")
     ap.add_argument("--batch", type=int, help="sequences per step of the 69M cases")
     ap.add_argument("--case", help="run one case in this process")
+    ap.add_argument("--shapes", help="the case's shapes as JSON (the `shapes` of `cocomix bench "
+                    "train --case CASE`), instead of this script's table")
     args = ap.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args)))

@@ -145,6 +145,12 @@ pub fn run(root: &Path, bin: &Path, args: &[String]) -> ! {
                 "--precision",
                 &o.precision,
             ]);
+        if let Some(b) = &o.batch {
+            ours.args(["--batch", b]);
+        }
+        let ours = run_json(ours, &format!("cocomix bench train --case {case}"));
+        eprintln!("xtask: {case}: PyTorch …");
+        // PyTorch trains at exactly the shapes our case reports (model, teacher, SAE, batch).
         let mut theirs = Command::new(&o.python);
         theirs.current_dir(root).arg(&script).args([
             "--case",
@@ -153,14 +159,16 @@ pub fn run(root: &Path, bin: &Path, args: &[String]) -> ! {
             &threads,
             "--precision",
             &o.precision,
+            "--shapes",
+            &ours["shapes"].to_string(),
         ]);
-        if let Some(b) = &o.batch {
-            ours.args(["--batch", b]);
-            theirs.args(["--batch", b]);
-        }
-        let ours = run_json(ours, &format!("cocomix bench train --case {case}"));
-        eprintln!("xtask: {case}: PyTorch …");
         let theirs = run_json(theirs, &format!("bench-pytorch.py --case {case}"));
+        if theirs["shapes"] != ours["shapes"] {
+            fail(format!(
+                "{case}: PyTorch ran at {} but cocomix at {}",
+                theirs["shapes"], ours["shapes"]
+            ));
+        }
         let tps = |v: &Value| v["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
         rows.push(json!({
             "case": case,

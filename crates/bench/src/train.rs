@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use cocomix_attribution::{LabelCache, LabelCacheSpec};
-use cocomix_model::StudentConfig;
+use cocomix_model::{Gpt2Config, StudentConfig};
 use cocomix_sae::Sae;
 use cocomix_trainer::{Labels, Objective, Precision, TrainSpec};
 use serde_json::{json, Value};
@@ -133,7 +133,34 @@ pub fn train_case(case: &str, batch_69m: Option<usize>, precision: Precision) ->
         "case": case, "config": bc.file, "objective": objective, "size": size, "batch": batch,
         "seq_len": t, "precision": precision, "tokens_per_s": tps, "step_s": (batch * t) as f64 / tps,
         "flops_per_token": train_flops_per_token(&student), "wall_s": wall,
+        "shapes": shapes(&student, &teacher.cfg, r.teacher.layer, (c, r.sae.k), batch),
     }))
+}
+
+/// The shapes a case trains at, for `scripts/bench-pytorch.py --shapes` (so that the
+/// PyTorch side cannot drift from the configs).
+fn shapes(
+    student: &StudentConfig,
+    teacher: &Gpt2Config,
+    layer: usize,
+    (n_latents, k): (usize, usize),
+    batch: usize,
+) -> Value {
+    let gpt2 = |g: &Gpt2Config| {
+        json!({ "vocab": g.vocab_size, "ctx": g.n_positions, "d": g.n_embd,
+                "layers": g.n_layer, "heads": g.n_head })
+    };
+    let mut t = gpt2(teacher);
+    t["layer"] = layer.into();
+    json!({
+        "student": gpt2(&student.gpt2),
+        "concept": student.concept.as_ref().map(|c| json!({
+            "c": c.concept_dim, "kc": c.concept_num, "insert": c.insert_layer_index,
+        })),
+        "teacher": t,
+        "sae": { "n_latents": n_latents, "k": k },
+        "batch": batch,
+    })
 }
 
 /// CoCoMix (cached labels) / NTP step time per size, against the FLOP ratio.
@@ -161,7 +188,7 @@ pub fn ratios(results: &[Value]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cocomix_model::{ConceptConfig, Gpt2Config};
+    use cocomix_model::ConceptConfig;
 
     #[test]
     fn flops_per_token_by_hand() {
