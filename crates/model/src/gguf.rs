@@ -522,9 +522,6 @@ impl Weights for GgufWeights<'_> {
         let dtype = if matrix { self.dtype } else { DType::F32 };
         Ok(t.to_dtype(dtype)?.to_device(&self.device)?)
     }
-    fn frozen(&self) -> bool {
-        true
-    }
 }
 
 /// Loads a frozen Llama from a GGUF file, dequantizing every tensor once to `dtype`

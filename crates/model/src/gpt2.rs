@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::ops::softmax_last;
 use crate::ops::{
-    add_dropout, bias_add, bias_gelu, causal_attention, causal_attention_qkv, frozen_matmul,
-    DropoutKey, LayerNorm,
+    add_dropout, bias_gelu, causal_attention, causal_attention_qkv, linear_in, DropoutKey,
+    LayerNorm, WeightLayout,
 };
 use crate::params::{Init, Params, TensorFile};
 use crate::{Error, Result};
@@ -222,23 +222,7 @@ impl Dropout {
 pub struct Conv1D {
     pub weight: Tensor,
     pub bias: Tensor,
-    frozen: bool,
     compute: DType,
-}
-
-/// `x @ w` in `compute` precision (f32 result), with the frozen variant when asked.
-fn matmul_in(x: &Tensor, w: &Tensor, compute: DType, frozen: bool) -> candle_core::Result<Tensor> {
-    let (x, w) = if compute == w.dtype() {
-        (x.clone(), w.clone())
-    } else {
-        (x.to_dtype(compute)?, w.to_dtype(compute)?)
-    };
-    let y = if frozen {
-        frozen_matmul(&x, &w)?
-    } else {
-        x.matmul(&w)?
-    };
-    y.to_dtype(DType::F32)
 }
 
 impl Conv1D {
@@ -246,28 +230,25 @@ impl Conv1D {
         Ok(Self {
             weight: p.get(&format!("{name}.weight"), &[d_in, d_out], Init::Normal(std))?,
             bias: p.get(&format!("{name}.bias"), &[d_out], Init::Zeros)?,
-            frozen: !p.trainable(),
             compute: DType::F32,
         })
     }
-}
 
-impl Conv1D {
     /// `x @ w` without the bias: `[.., in]` → `[.., out]`.
     pub fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (d_in, d_out) = self.weight.dims2()?;
-        let x2 = x.reshape(((), d_in))?; // [N, in]
-        let y = matmul_in(&x2, &self.weight, self.compute, self.frozen)?;
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("rank ≥ 1") = d_out;
-        y.reshape(out_dims)
+        linear_in(x, &self.weight, None, WeightLayout::InOut, self.compute)
     }
 }
 
 impl Module for Conv1D {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        bias_add(&self.matmul(x)?, &self.bias)
+        linear_in(
+            x,
+            &self.weight,
+            Some(&self.bias),
+            WeightLayout::InOut,
+            self.compute,
+        )
     }
 }
 
@@ -543,11 +524,14 @@ impl Gpt2 {
     /// `ln_f` then the tied head: `[B, S, d]` → logits `[B, S, V]`.
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
         let h = self.ln_f.forward(h)?;
-        let (b, s, d) = h.dims3()?;
-        let h2 = h.reshape((b * s, d))?;
-        let w = self.wte.t()?; // [d, V]
-        let logits = matmul_in(&h2, &w, self.compute_dtype, !self.wte.is_variable())?;
-        Ok(logits.reshape((b, s, self.cfg.vocab_size))?)
+        // The tied head reads wte [V, d] as it is stored: no transpose in the graph.
+        Ok(linear_in(
+            &h,
+            &self.wte,
+            None,
+            WeightLayout::OutIn,
+            self.compute_dtype,
+        )?)
     }
 
     /// Runs the blocks of `layers` on `h [B, S, d]`, with an optional cache and hook.
@@ -615,9 +599,9 @@ impl Gpt2 {
     /// `x_L` and `∂L/∂x_L` for the mean next-token cross-entropy over `B·(T−1)` positions.
     ///
     /// Blocks `0..=layer` run with no graph; `x_L` becomes the only leaf; the upper blocks,
-    /// `ln_f` and the head run once forward and once backward. Their matmuls use
-    /// [`frozen_matmul`], so no weight gradient is computed (LayerNorm scales and biases
-    /// cost O(B·T·d) products that are discarded with the gradient store).
+    /// `ln_f` and the head run once forward and once backward. Their frozen projections
+    /// compute no weight gradient (LayerNorm scales and biases cost O(B·T·d) products that
+    /// are discarded with the gradient store).
     pub fn residual_grad(&self, ids: &Tensor, layer: usize) -> Result<ResidualGrad> {
         let (_, t) = ids.dims2()?;
         if t < 2 {

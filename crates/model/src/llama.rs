@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Module, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
 use crate::gpt2::{next_token_loss, Hook, KvCache, LayerKv, ResidualGrad};
-use crate::ops::{causal_mask, frozen_matmul};
+use crate::ops::{causal_mask, linear_in, WeightLayout};
 use crate::params::{Init, Params, TensorFile};
 use crate::{Error, Result};
 
@@ -392,28 +392,12 @@ impl Module for RmsNorm {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
-    frozen: bool,
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut dims = x.dims().to_vec();
-        let (d_out, d_in) = self.weight.dims2()?;
-        let x2 = x.reshape(((), d_in))?.to_dtype(self.weight.dtype())?; // [N, in]
-        let w = self.weight.t()?; // [in, out]
-        let y = if self.frozen {
-            frozen_matmul(&x2, &w)?
-        } else {
-            x2.matmul(&w)?
-        };
-        let mut y = y.to_dtype(DType::F32)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some(last) = dims.last_mut() {
-            *last = d_out;
-        }
-        y.reshape(dims)
+        let w = &self.weight;
+        linear_in(x, w, self.bias.as_ref(), WeightLayout::OutIn, w.dtype())
     }
 }
 
@@ -423,16 +407,11 @@ pub(crate) trait Weights {
     /// Tensor `name` of `shape` on the model's device: matrices in the compute dtype, norms
     /// and biases in f32.
     fn get(&mut self, name: &str, shape: &[usize], init: Init, matrix: bool) -> Result<Tensor>;
-    /// Whether the weights are frozen (no weight gradients).
-    fn frozen(&self) -> bool;
 }
 
 impl Weights for Params<'_> {
     fn get(&mut self, name: &str, shape: &[usize], init: Init, _matrix: bool) -> Result<Tensor> {
         Params::get(self, name, shape, init)
-    }
-    fn frozen(&self) -> bool {
-        !self.trainable()
     }
 }
 
@@ -447,9 +426,6 @@ impl Weights for SafetensorWeights<'_> {
     fn get(&mut self, name: &str, shape: &[usize], _init: Init, matrix: bool) -> Result<Tensor> {
         let dtype = if matrix { self.dtype } else { DType::F32 };
         self.file.get(name, shape, &self.device, dtype)
-    }
-    fn frozen(&self) -> bool {
-        true
     }
 }
 
@@ -690,7 +666,6 @@ impl Llama {
         cfg.validate()?;
         let (d, hd, ffn) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
         let (h, kvh) = (cfg.num_attention_heads, cfg.n_kv_heads());
-        let frozen = w.frozen();
         let mut linear = |name: &str, d_in: usize, d_out: usize, bias: bool| -> Result<Linear> {
             Ok(Linear {
                 weight: w.get(
@@ -704,7 +679,6 @@ impl Llama {
                 } else {
                     None
                 },
-                frozen,
             })
         };
         let embed_tokens = linear("model.embed_tokens", d, cfg.vocab_size, false)?.weight;
@@ -756,7 +730,6 @@ impl Llama {
             Linear {
                 weight: embed_tokens.clone(),
                 bias: None,
-                frozen,
             }
         } else {
             Linear {
@@ -767,7 +740,6 @@ impl Llama {
                     true,
                 )?,
                 bias: None,
-                frozen,
             }
         };
         Ok(Self {

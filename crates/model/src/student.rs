@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::gpt2::{Dropout, Gpt2, Gpt2Config, KvCache};
-use crate::ops::{apply_steer, topk, unbiased_layer_norm};
+use crate::ops::{apply_steer, linear_in, topk, unbiased_layer_norm, WeightLayout};
 pub use crate::ops::{Steer, SteerMode};
 use crate::params::{save_safetensors, Init, Params, TensorFile};
 use crate::{Error, Result};
@@ -352,12 +352,8 @@ impl ConceptPath {
         let (n, c_dim, k) = (b * t, self.cfg.concept_dim, self.cfg.concept_num);
         let (x, mu, std) = unbiased_layer_norm(h, CONCEPT_LN_EPS)?; // [B,T,d], [B,T,1], [B,T,1]
         let u = x.broadcast_sub(&self.pre_bias)?.reshape((n, d))?;
-        let compute = self.compute_dtype;
-        let z = u
-            .to_dtype(compute)?
-            .matmul(&self.predictor_w.t()?.to_dtype(compute)?)?
-            .to_dtype(DType::F32)?
-            .broadcast_add(&self.predictor_b)?; // [N, C]
+        let (w, bias) = (&self.predictor_w, Some(&self.predictor_b));
+        let z = linear_in(&u, w, bias, WeightLayout::OutIn, self.compute_dtype)?; // [N, C]
         let Some((_, compress_b)) = &self.compress else {
             return Ok((None, z.reshape((b, t, c_dim))?));
         };

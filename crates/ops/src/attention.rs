@@ -17,6 +17,7 @@ use rayon::prelude::*;
 
 use crate::dropout::{DropoutKey, RowMask};
 use crate::fused::use_fused;
+use crate::linear::mm;
 use crate::simd::{dispatch, dot, exp, Isa, L};
 
 /// Query rows per tile.
@@ -251,62 +252,6 @@ impl View {
     }
 }
 
-/// `c[m×n] (row stride ldc) = [c +] beta·a·b`, `a` and `b` given by row and column strides.
-#[allow(clippy::too_many_arguments)]
-fn mm(
-    c: &mut [f32],
-    ldc: usize,
-    (m, n, k): (usize, usize, usize),
-    a: &[f32],
-    (a_rs, a_cs): (usize, usize),
-    b: &[f32],
-    (b_rs, b_cs): (usize, usize),
-    accumulate: bool,
-    beta: f32,
-) {
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    // The bounds checks make the raw-pointer call below safe.
-    assert!(
-        (m - 1) * ldc + n <= c.len(),
-        "attention tile: dst out of bounds"
-    );
-    assert!(
-        (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
-        "attention tile: lhs out of bounds"
-    );
-    assert!(
-        (k - 1) * b_rs + (n - 1) * b_cs < b.len(),
-        "attention tile: rhs out of bounds"
-    );
-    // SAFETY: every index gemm touches is inside the slices (checked above); dst does not
-    // alias the inputs (it is a distinct &mut).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
 /// Columns of key tile `j0` that query `i` (absolute position `pos`) sees.
 fn visible(pos: usize, j0: usize, cols: usize) -> usize {
     (pos + 1).saturating_sub(j0).min(cols)
@@ -413,6 +358,7 @@ fn forward_tile(
             (1, kv.ss),
             false,
             dims.scale,
+            false,
         );
         online_softmax(&mut s, o, &mut m, &mut l, rows, cols, hd, pos0, j0, &masks);
         // o += P V
@@ -426,6 +372,7 @@ fn forward_tile(
             (vv.ss, 1),
             true,
             1.0,
+            false,
         );
     }
     for r in 0..rows {
@@ -552,6 +499,7 @@ fn backward_group(
                     (1, kv.ss),
                     false,
                     dims.scale,
+                    false,
                 );
                 mm(
                     &mut dp,
@@ -563,6 +511,7 @@ fn backward_group(
                     (1, vv.ss),
                     false,
                     1.0,
+                    false,
                 );
                 softmax_grad(
                     &s,
@@ -587,6 +536,7 @@ fn backward_group(
                     (gv.ss, 1),
                     true,
                     1.0,
+                    false,
                 );
                 let dqi = &mut dqh[i0 * hd..];
                 mm(
@@ -599,6 +549,7 @@ fn backward_group(
                     (kv.ss, 1),
                     true,
                     dims.scale,
+                    false,
                 );
                 let dkj = &mut dk[j0 * hd..];
                 mm(
@@ -611,6 +562,7 @@ fn backward_group(
                     (qv.ss, 1),
                     true,
                     dims.scale,
+                    false,
                 );
             }
         }

@@ -1,8 +1,9 @@
 //! Tensor ops shared by the cocomix model and SAE crates, each with a correct backward
 //! pass (Candle's fused LayerNorm and `softmax_last_dim` silently cut the graph), fused CPU
-//! kernels with their own backward for the hot paths of training (causal flash attention
-//! with in-kernel dropout, LayerNorm, bias + GELU, softmax cross-entropy, AdamW), and a
-//! top-k that is fast on CPU and works on GPUs for rows of 32768.
+//! kernels with their own backward for the hot paths of training (linear layers as one graph
+//! node, causal flash attention with in-kernel dropout, LayerNorm, bias + GELU, softmax
+//! cross-entropy, AdamW), and a top-k that is fast on CPU and works on GPUs for rows of
+//! 32768.
 //!
 //! Every fused op falls back to the same computation composed from Candle ops on other
 //! devices and dtypes (see [`fused`]); the tests compare the two.
@@ -24,6 +25,7 @@ mod dropout;
 pub mod fused;
 mod gelu;
 mod layer_norm;
+mod linear;
 mod simd;
 mod steer;
 mod xent;
@@ -37,6 +39,7 @@ pub use gelu::{bias_gelu, bias_gelu_composed};
 pub use layer_norm::{
     layer_norm_composed, unbiased_layer_norm, unbiased_layer_norm_composed, LayerNorm,
 };
+pub use linear::{linear, linear_composed, linear_in, WeightLayout};
 pub use simd::has_avx2_fma;
 pub use steer::{apply_steer, Steer, SteerMode};
 pub use xent::{

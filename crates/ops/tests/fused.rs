@@ -6,8 +6,9 @@ use cocomix_ops::fused::with_fused;
 use cocomix_ops::{
     add_dropout, bias_add, bias_gelu, bias_gelu_composed, causal_attention,
     causal_attention_composed, causal_attention_qkv, concept_loss, cross_entropy, kd_kl,
-    layer_norm_composed, softmax_cross_entropy, softmax_cross_entropy_composed, softmax_kl,
-    softmax_kl_composed, unbiased_layer_norm, unbiased_layer_norm_composed, DropoutKey, LayerNorm,
+    layer_norm_composed, linear, linear_composed, softmax_cross_entropy,
+    softmax_cross_entropy_composed, softmax_kl, softmax_kl_composed, unbiased_layer_norm,
+    unbiased_layer_norm_composed, DropoutKey, LayerNorm, WeightLayout,
 };
 
 type R = candle_core::Result<()>;
@@ -218,6 +219,99 @@ fn bias_gelu_matches_composed_and_finite_differences() -> R {
     let y = bias_gelu(&t, &Tensor::zeros(4, DType::F32, &DEV)?)?.to_vec2::<f32>()?;
     assert_eq!(y[0][2..], [30.0, 100.0]);
     assert!(y[0][..2].iter().all(|v| v.abs() < 1e-30));
+    Ok(())
+}
+
+#[test]
+fn linear_matches_composed_and_finite_differences() -> R {
+    // x [2, 37, 23] against W in both layouts, with and without the bias.
+    let (d_in, d_out) = (23, 29);
+    let x = randn(&[2, 37, d_in], 40);
+    let wy = randn(&[2, 37, d_out], 41);
+    let b = randn(&[d_out], 42);
+    let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+        let w = match layout {
+            WeightLayout::InOut => randn(&[d_in, d_out], 43),
+            WeightLayout::OutIn => randn(&[d_out, d_in], 43),
+        };
+        for bias in [true, false] {
+            let what = format!("linear {layout:?}, bias {bias}");
+            let (xv, wv, bv) = (
+                Var::from_tensor(&x)?,
+                Var::from_tensor(&w)?,
+                Var::from_tensor(&b)?,
+            );
+            let y = linear(
+                xv.as_tensor(),
+                wv.as_tensor(),
+                bias.then(|| bv.as_tensor()),
+                layout,
+            )?;
+            let reference = linear_composed(&x, &w, bias.then_some(&b), layout)?;
+            assert_close(&what, &y, &reference, 1e-5);
+            let g = weighted(&y, &wy)?.backward()?;
+            let composed = |x: &Tensor, w: &Tensor, b: &Tensor| {
+                weighted(&linear_composed(x, w, bias.then_some(b), layout)?, &wy)
+            };
+            check_grad(
+                &format!("{what}: dx"),
+                &|x| composed(x, &f(&w), &f(&b)),
+                &x,
+                g.get(xv.as_tensor()).unwrap(),
+                13,
+            );
+            check_grad(
+                &format!("{what}: dW"),
+                &|w| composed(&f(&x), w, &f(&b)),
+                &w,
+                g.get(wv.as_tensor()).unwrap(),
+                7,
+            );
+            if bias {
+                check_grad(
+                    &format!("{what}: db"),
+                    &|b| composed(&f(&x), &f(&w), b),
+                    &b,
+                    g.get(bv.as_tensor()).unwrap(),
+                    1,
+                );
+            } else {
+                assert!(g.get(bv.as_tensor()).is_none(), "{what}: unused bias");
+            }
+        }
+        // A frozen weight (outside the graph): the input's gradient only, the same as with
+        // a trainable one.
+        let xv = Var::from_tensor(&x)?;
+        let y = linear(xv.as_tensor(), &w, Some(&b), layout)?;
+        let g = weighted(&y, &wy)?.backward()?;
+        assert!(g.get(&w).is_none() && g.get(&b).is_none());
+        let wv = Var::from_tensor(&w)?;
+        let y2 = linear(xv.as_tensor(), wv.as_tensor(), Some(&b), layout)?;
+        let g2 = weighted(&y2, &wy)?.backward()?;
+        let (dx, dx2) = (
+            g.get(xv.as_tensor()).unwrap(),
+            g2.get(xv.as_tensor()).unwrap(),
+        );
+        assert_close("linear, frozen W: dx", dx, dx2, 0.0);
+    }
+    // The product splits the output over threads, never the inner sum: bit-identical for
+    // any thread count.
+    let w = randn(&[d_in, 300], 44);
+    let big = randn(&[700, d_in], 45);
+    let run = |threads: usize| -> Vec<f32> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let y = linear(&big, &w, None, WeightLayout::InOut).unwrap();
+            y.flatten_all().unwrap().to_vec1().unwrap()
+        })
+    };
+    assert_eq!(run(1), run(3));
+    // A wrong input width is an error, not a panic.
+    assert!(linear(&x, &randn(&[d_out, d_out], 46), None, WeightLayout::InOut).is_err());
     Ok(())
 }
 
