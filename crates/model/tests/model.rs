@@ -485,6 +485,37 @@ fn topk_is_exact_with_a_deterministic_tie_rule() {
     sorted.sort_by(|p, q| q.1.total_cmp(&p.1).then(p.0.cmp(&q.0)));
     let want: Vec<u32> = sorted.iter().take(32).map(|p| p.0 as u32).collect();
     assert_eq!(a.get(1).unwrap().to_vec1::<u32>().unwrap(), want);
+    // Many ties, signed zeros, infinities and NaNs, for the one-pass scan (small k) and the
+    // quickselect (large k), against a full sort under the same rule.
+    let special = [0.0f32, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+    let rows: [Vec<f32>; 2] = [
+        (0..3000)
+            .map(|i| match i % 97 {
+                0 => special[i / 97 % 5],
+                _ => ((i * 31 % 11) as f32 - 5.0) * 0.5,
+            })
+            .collect(),
+        // The top of this row is the +0s: -0 ranks below them whatever its index.
+        (0..3000)
+            .map(|i| match (i % 101, i % 3) {
+                (0, _) => f32::NAN,
+                (_, 0) => -0.0,
+                (_, 1) => 0.0,
+                _ => -1.0,
+            })
+            .collect(),
+    ];
+    let rank = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+    for row in rows {
+        let mut sorted: Vec<(usize, f32)> = row.iter().copied().enumerate().collect();
+        sorted.sort_by(|p, q| rank(q.1).total_cmp(&rank(p.1)).then(p.0.cmp(&q.0)));
+        let t = Tensor::from_vec(row, (1, 3000), &DEV).unwrap();
+        for k in [1, 16, 64, 65, 500, 3000] {
+            let (i, _) = topk(&t, k).unwrap();
+            let want: Vec<u32> = sorted.iter().take(k).map(|p| p.0 as u32).collect();
+            assert_eq!(i.get(0).unwrap().to_vec1::<u32>().unwrap(), want, "k = {k}");
+        }
+    }
 }
 
 #[test]

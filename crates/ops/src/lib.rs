@@ -178,7 +178,7 @@ impl CustomOp2 for InputGradOnly {
 /// sorted by value, descending. Ties are broken towards the **lower index**, so the result
 /// is deterministic; NaN ranks below every number.
 ///
-/// On CPU a per-row quickselect (`select_nth_unstable`, O(C)) replaces a full sort. On
+/// On CPU each row is scanned once against the best k so far (a quickselect for k > 64). On
 /// other devices a two-stage select runs with tensor ops on rows of ≤ 4096 columns, as
 /// Candle's GPU sort fails on wide rows; both stages keep the same tie rule.
 pub fn topk(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
@@ -205,34 +205,66 @@ fn rank_desc(a: (f32, u32), b: (f32, u32)) -> std::cmp::Ordering {
 fn topk_cpu(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     let (n, c) = x.dims2()?;
     check_k(c, k)?;
-    let data: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let rows: Vec<(Vec<u32>, Vec<f32>)> = data
-        .par_chunks(c)
-        .map(|row| {
-            let mut idx: Vec<(f32, u32)> = row
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| (v, i as u32))
-                .collect();
-            if k < c {
-                idx.select_nth_unstable_by(k - 1, |a, b| rank_desc(*a, *b));
-                idx.truncate(k);
-            }
-            idx.sort_unstable_by(|a, b| rank_desc(*a, *b));
-            (
-                idx.iter().map(|p| p.1).collect(),
-                idx.iter().map(|p| p.0).collect(),
-            )
-        })
-        .collect();
-    let (mut ids, mut vals) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k));
-    for (i, v) in rows {
-        ids.extend(i);
-        vals.extend(v);
-    }
+    let (mut ids, mut vals) = (vec![0u32; n * k], vec![0f32; n * k]);
+    fused::with_host(&x.to_dtype(DType::F32)?, "top-k", |data| {
+        data.par_chunks(c)
+            .zip(ids.par_chunks_mut(k).zip(vals.par_chunks_mut(k)))
+            .for_each(|(row, (ri, rv))| {
+                let best = if k <= STREAM_K {
+                    top_stream(row, k)
+                } else {
+                    top_select(row, k)
+                };
+                for (j, (v, i)) in best.into_iter().enumerate() {
+                    (ri[j], rv[j]) = (i, v);
+                }
+            })
+    })?;
     let ids = Tensor::from_vec(ids, (n, k), x.device())?;
     let vals = Tensor::from_vec(vals, (n, k), x.device())?.to_dtype(x.dtype())?;
     Ok((ids, vals))
+}
+
+/// Up to this k a row is scanned once against a sorted list of the best k so far (the
+/// CoCoMix sizes, k ≤ 32 of thousands: a compare per element, a few dozen insertions);
+/// beyond it, a quickselect.
+const STREAM_K: usize = 64;
+
+/// The `k` best `(value, index)` of a row in rank order, in one pass. The rank is a total
+/// order, so the set is the quickselect's exactly.
+fn top_stream(row: &[f32], k: usize) -> Vec<(f32, u32)> {
+    // `rank_desc`'s order of values (NaN lowest, -0 below +0) as one integer compare.
+    let key = |v: f32| {
+        let b = if v.is_nan() { f32::NEG_INFINITY } else { v }.to_bits() as i32;
+        b ^ (((b >> 31) as u32) >> 1) as i32
+    };
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    for (i, &v) in row.iter().enumerate() {
+        let kv = key(v);
+        // Indices only grow: a value equal to the current k-th ranks below it.
+        if best.len() == k && kv <= key(best[k - 1].0) {
+            continue;
+        }
+        let at = best.partition_point(|&(b, _)| key(b) >= kv);
+        best.insert(at, (v, i as u32));
+        best.truncate(k);
+    }
+    best
+}
+
+/// [`top_stream`] for large `k`: quickselect (O(C)), then a sort of the kept `k`.
+fn top_select(row: &[f32], k: usize) -> Vec<(f32, u32)> {
+    let mut idx: Vec<(f32, u32)> = row
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v, i as u32))
+        .collect();
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, |a, b| rank_desc(*a, *b));
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(|a, b| rank_desc(*a, *b));
+    idx
 }
 
 const CHUNK: usize = 4096;
