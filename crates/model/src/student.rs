@@ -351,14 +351,16 @@ impl ConceptPath {
         let (b, t, d) = h.dims3()?;
         let (n, c_dim, k) = (b * t, self.cfg.concept_dim, self.cfg.concept_num);
         let (x, mu, std) = unbiased_layer_norm(h, CONCEPT_LN_EPS)?; // [B,T,d], [B,T,1], [B,T,1]
-        let u = x.broadcast_sub(&self.pre_bias)?.reshape((n, d))?;
+                                                                    // [B, T, ·] throughout: each reshape of z would be an [N, C] node in the graph.
+        let u = x.broadcast_sub(&self.pre_bias)?;
         let (w, bias) = (&self.predictor_w, Some(&self.predictor_b));
-        let z = linear_in(&u, w, bias, WeightLayout::OutIn, self.compute_dtype)?; // [N, C]
+        let z = linear_in(&u, w, bias, WeightLayout::OutIn, self.compute_dtype)?; // [B, T, C]
         let Some((_, compress_b)) = &self.compress else {
-            return Ok((None, z.reshape((b, t, c_dim))?));
+            return Ok((None, z));
         };
         let z_used = apply_steer(&z, steer)?; // z itself without steering
-        let (mut idx, _) = topk(&z_used.detach(), k)?; // [N, K_c], no gradient through the choice
+                                              // [N, K_c], no gradient through the choice.
+        let (mut idx, _) = topk(&z_used.detach().reshape((n, c_dim))?, k)?;
         if steer.iter().any(|s| s.force) {
             idx = force_into_topk(&idx, steer, n, k)?;
         }
@@ -370,7 +372,7 @@ impl ConceptPath {
             .reshape((b, t, d))?
             .broadcast_mul(&std)?
             .broadcast_add(&mu)?;
-        Ok((Some(c), z.reshape((b, t, c_dim))?))
+        Ok((Some(c), z))
     }
 
     fn compress_w(&self) -> Result<&Tensor> {
@@ -382,12 +384,20 @@ impl ConceptPath {
 
     /// `compress_layer.weight @ (mask ⊙ z)` without the bias, computed on the `K_c` kept
     /// logits only: `Σ_j z[i_j] · W[:, i_j]`, O(N·K_c·d) instead of O(N·C·d). Gradients reach
-    /// only the kept logits and the kept columns, exactly as with the dense mask.
+    /// only the kept logits and the kept columns, exactly as with the dense mask. `z [.., C]`
+    /// with `N` rows (`[N, C]` or `[B, T, C]`), `idx [N, K_c]`; returns `[N, d]`.
     pub fn compress_sparse(&self, z: &Tensor, idx: &Tensor) -> Result<Tensor> {
         let (n, k) = idx.dims2()?;
         let w = self.compress_w()?;
         let d = w.dim(0)?;
-        let vals = z.gather(idx, 1)?; // [N, K_c]
+        // z [.., C] with N rows is read where it is (a reshape would add an [N, C] node).
+        let mut kept = z.dims().to_vec();
+        if let Some(last) = kept.last_mut() {
+            *last = k;
+        }
+        let vals = z
+            .gather(&idx.reshape(kept)?, z.rank() - 1)?
+            .reshape((n, k))?; // [N, K_c]
         let cols = w.index_select(&idx.flatten_all()?, 1)?; // [d, N·K_c]
         let cols = cols.t()?.reshape((n, k, d))?; // [N, K_c, d]
         Ok(vals.unsqueeze(2)?.broadcast_mul(&cols)?.sum(1)?)

@@ -91,9 +91,10 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Mean next-token cross-entropy of `logits [N, V]` against `targets [N]` (integer ids).
+/// Mean next-token cross-entropy of `logits [.., V]` against `targets [..]` (integer ids,
+/// the logits' leading shape: `[N, V]` and `[N]`, or `[B, T, V]` and `[B, T]`).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    softmax_cross_entropy(logits, &targets.unsqueeze(1)?)
+    softmax_cross_entropy(logits, &targets.unsqueeze(targets.rank())?)
 }
 
 /// `x @ w` for a frozen `w`: the backward pass gives `x` its gradient and computes no
@@ -324,21 +325,18 @@ pub fn topk_two_stage(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
 /// softmax cross-entropy of the full concept logits, averaged over all `B·T` positions.
 /// `concept_logits [B, T, C]`, `labels [B, T, K_attr]` (integer ids).
 pub fn concept_loss(concept_logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let (b, t, c) = concept_logits.dims3()?;
-    let k = labels.dim(2)?;
-    Ok(softmax_cross_entropy(
-        &concept_logits.reshape((b * t, c))?,
-        &labels.reshape((b * t, k))?,
-    )?)
+    let ((b, t, _), (bl, tl, _)) = (concept_logits.dims3()?, labels.dims3()?);
+    if (b, t) != (bl, tl) {
+        return Err(Error::Invalid(format!(
+            "concept loss: logits for [{b}, {t}] positions, labels for [{bl}, {tl}]"
+        )));
+    }
+    Ok(softmax_cross_entropy(concept_logits, labels)?)
 }
 
 /// Distillation term KL(p_teacher^τ ‖ p_student^τ), mean over every position given.
 /// Logits are `[B, T, V]` over the same vocabulary; the teacher gets no gradient.
 pub fn kd_kl(student_logits: &Tensor, teacher_logits: &Tensor, tau: f64) -> Result<Tensor> {
-    let (b, t, v) = student_logits.dims3()?;
-    Ok(softmax_kl(
-        &student_logits.reshape((b * t, v))?,
-        &teacher_logits.reshape((b * t, v))?,
-        tau,
-    )?)
+    student_logits.dims3()?;
+    Ok(softmax_kl(student_logits, teacher_logits, tau)?)
 }

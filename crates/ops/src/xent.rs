@@ -10,11 +10,22 @@ use rayon::prelude::*;
 use crate::fused::{contiguous_f32, use_fused, with_host, with_host_u32};
 use crate::simd::{dispatch, exp, max, Isa, L};
 
+/// Rows and width of `[.., V]`: every leading dim is a row, so `[B, T, V]` logits go in as
+/// they are (a reshape to `[B·T, V]` would be one more graph node, whose backward zero-fills
+/// and adds a whole `[N, V]` gradient).
+fn rows(dims: &[usize], what: &str) -> candle_core::Result<(usize, usize)> {
+    match dims {
+        [lead @ .., v] if !lead.is_empty() => Ok((lead.iter().product(), *v)),
+        dims => candle_core::bail!("{what}: shape {dims:?} has no rows (rank ≥ 2 needed)"),
+    }
+}
+
 /// Mean over rows `n` and label columns `k` of `−log softmax(z_n)[targets[n, k]]`.
-/// `logits [N, V]` (f32 on the CPU for the fused kernel), `targets [N, K]` integer ids.
+/// `logits [.., V]` (f32 on the CPU for the fused kernel), `targets [.., K]` integer ids with
+/// the same rows (`[N, V]` and `[N, K]`, or `[B, T, V]` and `[B, T, K]`).
 pub fn softmax_cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    let (n, _) = logits.dims2()?;
-    let (nt, _) = targets.dims2()?;
+    let (n, _) = rows(logits.dims(), "cross-entropy logits")?;
+    let (nt, _) = rows(targets.dims(), "cross-entropy targets")?;
     if n != nt {
         candle_core::bail!("cross-entropy: {n} rows of logits but {nt} rows of targets")
     }
@@ -34,13 +45,18 @@ pub fn softmax_cross_entropy_composed(
     logits: &Tensor,
     targets: &Tensor,
 ) -> candle_core::Result<Tensor> {
+    let ((_, v), (_, k)) = (
+        rows(logits.dims(), "cross-entropy")?,
+        rows(targets.dims(), "cross-entropy")?,
+    );
     // Half-precision logits are scored in f32; f64 stays f64 (finite-difference references).
     let logits = match logits.dtype() {
-        DType::F64 => logits.clone(),
-        _ => logits.to_dtype(DType::F32)?,
+        DType::F64 => logits.reshape(((), v))?,
+        _ => logits.to_dtype(DType::F32)?.reshape(((), v))?,
     };
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = logp.gather(&targets.to_dtype(DType::U32)?.contiguous()?, 1)?; // [N, K]
+    let targets = targets.to_dtype(DType::U32)?.reshape(((), k))?;
+    let picked = logp.gather(&targets.contiguous()?, 1)?; // [N, K]
     picked.mean_all()?.neg()
 }
 
@@ -131,8 +147,7 @@ impl CustomOp2 for SoftmaxXent {
             Some((a, b)) => &ts.as_slice::<u32>()?[a..b],
             None => candle_core::bail!("{}: targets must be contiguous", self.name()),
         };
-        let (n, v) = zl.shape().dims2()?;
-        let k = tl.dims()[1];
+        let ((n, v), (_, k)) = (rows(zl.dims(), self.name())?, rows(tl.dims(), self.name())?);
         if let Some(&bad) = t.iter().find(|&&x| x as usize >= v) {
             candle_core::bail!("cross-entropy: target id {bad} is outside the {v} classes")
         }
@@ -164,8 +179,8 @@ impl CustomOp2 for SoftmaxXent {
         _loss: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, v) = z.dims2()?;
-        let k = t.dim(1)?;
+        let (n, v) = rows(z.dims(), self.name())?;
+        let (_, k) = rows(t.dims(), self.name())?;
         let g = g.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let scale = g / (n * k).max(1) as f32;
         let lse = self.lse.get()?;
@@ -187,15 +202,16 @@ impl CustomOp2 for SoftmaxXent {
                 dz
             })
         })??;
-        Ok((Some(Tensor::from_vec(dz, (n, v), z.device())?), None))
+        Ok((Some(Tensor::from_vec(dz, z.shape(), z.device())?), None))
     }
 }
 
 /// Mean over rows of KL(softmax(t/τ) ‖ softmax(s/τ)): knowledge distillation's term, the
-/// teacher `t` getting no gradient. `student`, `teacher [N, V]` (f32 on the CPU for the fused
-/// kernel, which keeps two log-sum-exps per row and writes `∂/∂s` in one pass).
+/// teacher `t` getting no gradient. `student`, `teacher [.., V]` of one shape (f32 on the CPU
+/// for the fused kernel, which keeps two log-sum-exps per row and writes `∂/∂s` in one pass).
 pub fn softmax_kl(student: &Tensor, teacher: &Tensor, tau: f64) -> candle_core::Result<Tensor> {
-    if student.dims2()? != teacher.dims2()? {
+    rows(student.dims(), "distillation KL")?;
+    if student.dims() != teacher.dims() {
         candle_core::bail!(
             "distillation KL: student logits {:?} but teacher logits {:?}",
             student.dims(),
@@ -317,7 +333,7 @@ impl CustomOp2 for SoftKl {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let s = contiguous_f32(ss, sl, self.name())?;
         let t = contiguous_f32(ts, tl, self.name())?;
-        let (n, v) = sl.shape().dims2()?;
+        let (n, v) = rows(sl.dims(), self.name())?;
         let mut lse = vec![0f32; 2 * n];
         let br = block_rows(v);
         let sums: Vec<f64> = lse
@@ -337,7 +353,7 @@ impl CustomOp2 for SoftKl {
         _loss: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, v) = s.dims2()?;
+        let (n, v) = rows(s.dims(), self.name())?;
         let g = g.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let scale = g * self.inv / n.max(1) as f32;
         let lse = self.lse.get()?;
@@ -354,6 +370,6 @@ impl CustomOp2 for SoftKl {
                 ds
             })
         })??;
-        Ok((Some(Tensor::from_vec(ds, (n, v), s.device())?), None))
+        Ok((Some(Tensor::from_vec(ds, s.shape(), s.device())?), None))
     }
 }

@@ -396,6 +396,25 @@ fn cross_entropy_matches_composed_and_finite_differences() -> R {
     let cl = concept_loss(&z.unsqueeze(0)?, &labels).unwrap();
     let want = with_fused(false, || concept_loss(&z.unsqueeze(0)?, &labels)).unwrap();
     assert_close("concept loss", &cl, &want, 1e-5);
+    // [B, T, V] logits go in as they are: the same loss, a gradient of their shape equal to
+    // the [N, V] one; rows that do not match are an error.
+    let zv = Var::from_tensor(&z.reshape((1, n, v))?)?;
+    let ce3 = cross_entropy(zv.as_tensor(), &t1.unsqueeze(0)?)?;
+    assert_close(
+        "cross-entropy [B, T, V]",
+        &ce3,
+        &cross_entropy(&z, &t1)?,
+        0.0,
+    );
+    let zv2 = Var::from_tensor(&z)?;
+    let g2 = grad_of(&cross_entropy(zv2.as_tensor(), &t1)?, &zv2);
+    assert_close(
+        "cross-entropy [B, T, V] dz",
+        &grad_of(&ce3, &zv),
+        &g2.unsqueeze(0)?,
+        0.0,
+    );
+    assert!(cross_entropy(&z, &t1.narrow(0, 0, n - 1)?).is_err());
     // Out-of-range targets are an error, not a panic.
     let bad = Tensor::new(&[[v as u32]], &DEV)?;
     assert!(softmax_cross_entropy(&z.narrow(0, 0, 1)?, &bad).is_err());

@@ -228,8 +228,7 @@ pub fn validate_dist(
         let ids = Tensor::from_vec(ids, (chunk.len(), context + 1), student.device())?;
         let (x, y) = (ids.narrow(1, 0, context)?, ids.narrow(1, 1, context)?);
         let out = student.forward(&x, &mut Dropout::off())?;
-        let v = out.logits.dim(2)?;
-        let l = cross_entropy(&out.logits.reshape(((), v))?, &y.flatten_all()?)?;
+        let l = cross_entropy(&out.logits, &y)?;
         sum += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
         n += chunk.len();
     }
@@ -336,8 +335,7 @@ struct Losses {
 
 fn losses(spec: &TrainSpec, student: &Student, b: &Batch, dropout: &mut Dropout) -> Result<Losses> {
     let out = student.forward(&b.x, dropout)?;
-    let v = out.logits.dim(2)?;
-    let ce = cross_entropy(&out.logits.reshape(((), v))?, &b.y.flatten_all()?)?;
+    let ce = cross_entropy(&out.logits, &b.y)?; // [B, T, V] against [B, T]
     let ntp = ce.to_scalar::<f32>()? as f64;
     let plain = Losses {
         total: ce.clone(),
