@@ -58,13 +58,13 @@ def shapes(size, objective):
     cocomix = objective.startswith("cocomix")
     if size == "default":
         student = dict(vocab=2048, ctx=128, d=96 if cocomix else 128, layers=4, heads=4)
-        concept = dict(c=4096, kc=16, insert=1)
+        concept = dict(c=4096, kc=16, insert=1, k_attr=4)
         teacher = dict(vocab=2048, ctx=128, d=256, layers=6, heads=8, layer=2)
         sae = dict(n_latents=4096, k=16)
         batch = 16
     else:
         student = dict(vocab=50257, ctx=1024, d=512 if cocomix else 624, layers=8, heads=8)
-        concept = dict(c=32768, kc=32, insert=3)
+        concept = dict(c=32768, kc=32, insert=3, k_attr=4)
         teacher = dict(vocab=50257, ctx=1024, d=768, layers=12, heads=12, layer=5)
         sae = dict(n_latents=32768, k=32)
         batch = 1
@@ -231,12 +231,13 @@ def run_case(case, args):
             cols = sae["dec"].t()[idx]  # [N, k, d]
             scores = (cols * g.reshape(-1, 1, dt)).sum(2) * val
             dense = torch.zeros(idx.shape[0], n_latents).scatter(1, idx, scores)
-            return torch.topk(dense, 4, dim=1).indices.reshape(x.shape[0], x.shape[1], 4)
+            k_attr = cc["k_attr"]
+            return torch.topk(dense, k_attr, dim=1).indices.reshape(x.shape[0], x.shape[1], k_attr)
 
     cached = None
     if objective == "cocomix-cached":
         n_windows = (n_tok - 1) // t
-        cached = torch.randint(0, n_latents, (n_windows, t, 4), generator=gen)
+        cached = torch.randint(0, n_latents, (n_windows, t, cc["k_attr"]), generator=gen)
 
     def make_batch():
         if cached is not None:
@@ -267,7 +268,7 @@ def run_case(case, args):
         loss = ce
         if cocomix:
             logp = F.log_softmax(z.float(), dim=1)
-            loss = ce + lam * (-logp.gather(1, labels.reshape(-1, 4)).mean())
+            loss = ce + lam * (-logp.gather(1, labels.reshape(-1, cc["k_attr"])).mean())
         elif objective == "kd":
             with torch.no_grad():
                 tl = teacher(x)

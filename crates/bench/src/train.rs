@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 use cocomix_attribution::{LabelCache, LabelCacheSpec};
 use cocomix_model::{Gpt2Config, StudentConfig};
 use cocomix_sae::Sae;
-use cocomix_trainer::{Labels, Objective, Precision, TrainSpec};
+use cocomix_trainer::{Labels, Objective, Precision, RunConfig, TrainSpec};
 use serde_json::{json, Value};
 
 use crate::common::{bench_spec, device, random_gpt2, run_tokens_per_s, synthetic_data};
@@ -133,32 +133,27 @@ pub fn train_case(case: &str, batch_69m: Option<usize>, precision: Precision) ->
         "case": case, "config": bc.file, "objective": objective, "size": size, "batch": batch,
         "seq_len": t, "precision": precision, "tokens_per_s": tps, "step_s": (batch * t) as f64 / tps,
         "flops_per_token": train_flops_per_token(&student), "wall_s": wall,
-        "shapes": shapes(&student, &teacher.cfg, r.teacher.layer, (c, r.sae.k), batch),
+        "shapes": shapes(&student, &teacher.cfg, r, batch),
     }))
 }
 
 /// The shapes a case trains at, for `scripts/bench-pytorch.py --shapes` (so that the
 /// PyTorch side cannot drift from the configs).
-fn shapes(
-    student: &StudentConfig,
-    teacher: &Gpt2Config,
-    layer: usize,
-    (n_latents, k): (usize, usize),
-    batch: usize,
-) -> Value {
+fn shapes(student: &StudentConfig, teacher: &Gpt2Config, r: &RunConfig, batch: usize) -> Value {
     let gpt2 = |g: &Gpt2Config| {
         json!({ "vocab": g.vocab_size, "ctx": g.n_positions, "d": g.n_embd,
                 "layers": g.n_layer, "heads": g.n_head })
     };
     let mut t = gpt2(teacher);
-    t["layer"] = layer.into();
+    t["layer"] = r.teacher.layer.into();
     json!({
         "student": gpt2(&student.gpt2),
         "concept": student.concept.as_ref().map(|c| json!({
             "c": c.concept_dim, "kc": c.concept_num, "insert": c.insert_layer_index,
+            "k_attr": r.concept.k_attr,
         })),
         "teacher": t,
-        "sae": { "n_latents": n_latents, "k": k },
+        "sae": { "n_latents": r.sae.n_latents, "k": r.sae.k },
         "batch": batch,
     })
 }

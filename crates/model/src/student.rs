@@ -359,8 +359,8 @@ impl ConceptPath {
             return Ok((None, z));
         };
         let z_used = apply_steer(&z, steer)?; // z itself without steering
-                                              // [N, K_c], no gradient through the choice.
-        let (mut idx, _) = topk(&z_used.detach().reshape((n, c_dim))?, k)?;
+        let z_rows = z_used.detach().reshape((n, c_dim))?; // no gradient through the choice
+        let (mut idx, _) = topk(&z_rows, k)?; // [N, K_c]
         if steer.iter().any(|s| s.force) {
             idx = force_into_topk(&idx, steer, n, k)?;
         }

@@ -57,7 +57,7 @@ pub fn linear(
     if !use_fused(&ts) {
         return linear_composed(x, w, b, layout);
     }
-    out_dims(x, w, layout)?;
+    out_dims(x, w, b, layout)?;
     let op = Linear(layout);
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     match b {
@@ -67,8 +67,7 @@ pub fn linear(
 }
 
 /// [`linear`] with the product in `compute` precision (bf16 or f16 autocast: casts of `x`
-/// and `W`, an f32 result, the bias added in f32); plain [`linear`] when `compute` is the
-/// weight's dtype.
+/// and `W`), always an f32 result, the bias added in f32; plain [`linear`] when all is f32.
 pub fn linear_in(
     x: &Tensor,
     w: &Tensor,
@@ -76,7 +75,7 @@ pub fn linear_in(
     layout: WeightLayout,
     compute: DType,
 ) -> candle_core::Result<Tensor> {
-    if compute == w.dtype() && compute == x.dtype() {
+    if compute == DType::F32 && w.dtype() == DType::F32 && x.dtype() == DType::F32 {
         return linear(x, w, b, layout);
     }
     let y =
@@ -95,7 +94,7 @@ pub fn linear_composed(
     b: Option<&Tensor>,
     layout: WeightLayout,
 ) -> candle_core::Result<Tensor> {
-    let dims = out_dims(x, w, layout)?;
+    let dims = out_dims(x, w, b, layout)?;
     let (d_in, _) = layout.in_out(w.dims())?;
     let x2 = x.reshape(((), d_in))?; // [N, in]
     let w = layout.as_in_out(w)?;
@@ -111,9 +110,18 @@ pub fn linear_composed(
     y.reshape(dims)
 }
 
-/// The output dims of `x·W`, checking that `x`'s last dim is the weight's input.
-fn out_dims(x: &Tensor, w: &Tensor, layout: WeightLayout) -> candle_core::Result<Vec<usize>> {
+/// The output dims of `x·W (+ b)`, checking that `x`'s last dim is the weight's input and
+/// that the bias is `[out]`.
+fn out_dims(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    layout: WeightLayout,
+) -> candle_core::Result<Vec<usize>> {
     let (d_in, d_out) = layout.in_out(w.dims())?;
+    if let Some(b) = b.filter(|b| b.dims() != [d_out]) {
+        candle_core::bail!("linear: bias of shape {:?} for {d_out} outputs", b.dims())
+    }
     let mut dims = x.dims().to_vec();
     match dims.last_mut() {
         Some(last) if *last == d_in => *last = d_out,
@@ -201,14 +209,16 @@ impl Linear {
         let x = contiguous_f32(xs, xl, Self::NAME)?;
         let w = contiguous_f32(ws, wl, Self::NAME)?;
         let (d_in, d_out) = self.0.in_out(wl.dims())?;
-        let n = x.len() / d_in;
+        let n: usize = xl.dims().iter().rev().skip(1).product(); // rows
         let mut y = vec![0f32; n * d_out]; // [N, out]
         if let Some((bs, bl)) = bias {
             let b = contiguous_f32(bs, bl, Self::NAME)?;
             if b.len() != d_out {
                 candle_core::bail!("{}: bias of {} for {d_out} outputs", Self::NAME, b.len())
             }
-            y.par_chunks_mut(d_out).for_each(|r| r.copy_from_slice(b));
+            if d_out > 0 {
+                y.par_chunks_mut(d_out).for_each(|r| r.copy_from_slice(b));
+            }
         }
         // Strides of W read as [in, out].
         let w_strides = match self.0 {

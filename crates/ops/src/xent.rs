@@ -24,10 +24,15 @@ fn rows(dims: &[usize], what: &str) -> candle_core::Result<(usize, usize)> {
 /// `logits [.., V]` (f32 on the CPU for the fused kernel), `targets [.., K]` integer ids with
 /// the same rows (`[N, V]` and `[N, K]`, or `[B, T, V]` and `[B, T, K]`).
 pub fn softmax_cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    let (n, _) = rows(logits.dims(), "cross-entropy logits")?;
-    let (nt, _) = rows(targets.dims(), "cross-entropy targets")?;
-    if n != nt {
-        candle_core::bail!("cross-entropy: {n} rows of logits but {nt} rows of targets")
+    rows(logits.dims(), "cross-entropy logits")?;
+    rows(targets.dims(), "cross-entropy targets")?;
+    let lead = |t: &Tensor| t.dims()[..t.rank() - 1].to_vec();
+    if lead(logits) != lead(targets) {
+        candle_core::bail!(
+            "cross-entropy: logits {:?} but targets {:?} (the same rows needed)",
+            logits.dims(),
+            targets.dims()
+        )
     }
     if use_fused(&[logits]) && targets.device().is_cpu() {
         return logits.contiguous()?.apply_op2(

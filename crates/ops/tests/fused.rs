@@ -310,8 +310,12 @@ fn linear_matches_composed_and_finite_differences() -> R {
         })
     };
     assert_eq!(run(1), run(3));
-    // A wrong input width is an error, not a panic.
+    // A wrong input width or bias shape is an error, not a panic.
     assert!(linear(&x, &randn(&[d_out, d_out], 46), None, WeightLayout::InOut).is_err());
+    let w = randn(&[d_in, d_out], 47);
+    let b2 = b.unsqueeze(0)?; // [1, out]
+    assert!(linear(&x, &w, Some(&b2), WeightLayout::InOut).is_err());
+    assert!(with_fused(false, || linear(&x, &w, Some(&b2), WeightLayout::InOut)).is_err());
     Ok(())
 }
 
@@ -415,6 +419,10 @@ fn cross_entropy_matches_composed_and_finite_differences() -> R {
         0.0,
     );
     assert!(cross_entropy(&z, &t1.narrow(0, 0, n - 1)?).is_err());
+    assert!(
+        cross_entropy(zv.as_tensor(), &t1.unsqueeze(1)?).is_err(),
+        "[1, N] vs [N, 1] rows"
+    );
     // Out-of-range targets are an error, not a panic.
     let bad = Tensor::new(&[[v as u32]], &DEV)?;
     assert!(softmax_cross_entropy(&z.narrow(0, 0, 1)?, &bad).is_err());
