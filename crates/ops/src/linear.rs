@@ -247,7 +247,7 @@ impl Linear {
 
     /// `(∂x, ∂W, ∂b)` from `g = ∂y`; `None` for a tensor outside the graph.
     #[allow(clippy::type_complexity)]
-    fn bwd(
+    fn grads(
         &self,
         x: &Tensor,
         w: &Tensor,
@@ -301,7 +301,7 @@ impl CustomOp2 for Linear {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = Linear::bwd(self, x, w, None, g)?;
+        let (dx, dw, _) = self.grads(x, w, None, g)?;
         Ok((dx, dw))
     }
 }
@@ -331,6 +331,6 @@ impl CustomOp3 for Linear {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Linear::bwd(self, x, w, Some(b), g)
+        self.grads(x, w, Some(b), g)
     }
 }
