@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use crate::dropout::{DropoutKey, RowMask};
 use crate::fused::use_fused;
 use crate::linear::mm;
-use crate::simd::{dispatch, dot, exp, Isa, L};
+use crate::simd::{dispatch, dot, exp, Isa};
 
 /// Query rows per tile.
 const BR: usize = 64;
@@ -304,20 +304,12 @@ fn online_softmax_body<I: Isa>(
 /// `x ← exp(x − m)` in place; returns `Σ x` (one accumulator per lane).
 #[inline(always)]
 fn exp_sum<I: Isa>(x: &mut [f32], m: f32) -> f32 {
-    let mut acc = [0f32; L];
-    let mut chunks = x.chunks_exact_mut(L);
-    for c in &mut chunks {
-        for l in 0..L {
-            c[l] = exp::<I>(c[l] - m);
-            acc[l] += c[l];
-        }
-    }
-    let mut sum = 0f32;
-    for v in chunks.into_remainder() {
+    // A plain map loop, then the sum: LLVM vectorises `exp` over whole registers this way,
+    // not when it shares a loop body with the lane accumulators.
+    for v in x.iter_mut() {
         *v = exp::<I>(*v - m);
-        sum += *v;
     }
-    sum + crate::simd::sum(&acc)
+    crate::simd::sum(x)
 }
 
 /// The forward pass of query rows `i0..i0 + rows` of head `h` of batch `b`: writes their

@@ -141,7 +141,11 @@ const ROUND: f32 = 12_582_912.0;
 #[inline(always)]
 pub(crate) fn exp<I: Isa>(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // `t`'s low mantissa bits hold n = round(x·log₂e) (|n| ≤ 127 ≪ 2²²), so both the float
+    // n and 2ⁿ come from it without a float-to-int conversion: Rust's saturating `as i32`
+    // does not vectorise (LLVM emits a scalar convert, compare and cmov per lane).
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = I::madd(n, -LN2_HI, x);
     let r = I::madd(n, -LN2_LO, r);
     let mut p = 1.987_569_2e-4f32;
@@ -151,8 +155,8 @@ pub(crate) fn exp<I: Isa>(x: f32) -> f32 {
     p = I::madd(p, r, 1.666_666_5e-1);
     p = I::madd(p, r, 0.5);
     let y = I::madd(p * r, r, r) + 1.0;
-    // n is an integer in [−126, 128]: build 2ⁿ from its bits.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n is an integer in [−126, 127]: 2ⁿ has the biased exponent n + 127 and no mantissa.
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
     y * scale
 }
 

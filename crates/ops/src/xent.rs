@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use crate::fused::{contiguous_f32, use_fused, with_host, with_host_u32};
-use crate::simd::{dispatch, exp, max, Isa, L};
+use crate::simd::{dispatch, exp, max, sum, Isa};
 
 /// Rows and width of `[.., V]`: every leading dim is a row, so `[B, T, V]` logits go in as
 /// they are (a reshape to `[B·T, V]` would be one more graph node, whose backward zero-fills
@@ -96,22 +96,31 @@ fn block_rows(v: usize) -> usize {
 #[inline(always)]
 fn lse_scaled<I: Isa>(x: &[f32], inv: f32) -> f32 {
     let m = max(x) * inv;
-    let mut acc = [0f32; L];
-    let mut chunks = x.chunks_exact(L);
-    for c in &mut chunks {
-        for l in 0..L {
-            acc[l] += exp::<I>(c[l] * inv - m);
+    m + map_sum(x, |v| exp::<I>(v * inv - m)).ln()
+}
+
+/// `Σ f(x)` over a row, through a stack block: `f` runs in a plain map loop that LLVM
+/// vectorises over whole registers (it does not when `f` shares a loop body with the lane
+/// accumulators), then the block is summed lane by lane (fixed order).
+#[inline(always)]
+fn map_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    map2_sum(x, x, |a, _| f(a))
+}
+
+/// `Σ f(a, b)` over two rows of the same length, as [`map_sum`].
+#[inline(always)]
+fn map2_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    const BLOCK: usize = 256;
+    let mut buf = [0f32; BLOCK];
+    let mut s = 0f32;
+    for (ac, bc) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
+        let out = &mut buf[..ac.len()];
+        for ((o, &x), &y) in out.iter_mut().zip(ac).zip(bc) {
+            *o = f(x, y);
         }
+        s += sum(out);
     }
-    let mut s: f32 = chunks
-        .remainder()
-        .iter()
-        .map(|&x| exp::<I>(x * inv - m))
-        .sum();
-    for a in acc {
-        s += a;
-    }
-    m + s.ln()
+    s
 }
 
 dispatch!(fn lse_rows(z: &[f32], v: usize, lse: &mut [f32]) = lse_body);
@@ -275,23 +284,11 @@ fn kl_body<I: Isa>(s: &[f32], t: &[f32], v: usize, inv: f32, lse: &mut [f32]) ->
         .zip(lse.chunks_exact_mut(2))
     {
         let (ls, lt) = (lse_scaled::<I>(sr, inv), lse_scaled::<I>(tr, inv));
-        // p_t · (log p_t − log p_s), one accumulator per lane.
-        let term = |sj: f32, tj: f32| {
+        // p_t · (log p_t − log p_s)
+        let row = map2_sum(sr, tr, |sj, tj| {
             let log_pt = tj * inv - lt;
             exp::<I>(log_pt) * (log_pt - (sj * inv - ls))
-        };
-        let mut acc = [0f32; L];
-        let (sc, tc) = (sr.chunks_exact(L), tr.chunks_exact(L));
-        let (s_rem, t_rem) = (sc.remainder(), tc.remainder());
-        for (a, b) in sc.zip(tc) {
-            for l in 0..L {
-                acc[l] += term(a[l], b[l]);
-            }
-        }
-        let mut row: f32 = s_rem.iter().zip(t_rem).map(|(&a, &b)| term(a, b)).sum();
-        for a in acc {
-            row += a;
-        }
+        });
         total += row as f64;
         out[0] = ls;
         out[1] = lt;
