@@ -281,13 +281,15 @@ def run_case(case, args):
         opt.step()
         return loss.detach().item()
 
-    steps = 6 if size == "default" else 2
+    # The steps and the timed ones as `cocomix bench train` (run_tokens_per_s): the first
+    # (warm-up) and the last left out.
+    steps = 6 if size == "default" else 4
     tps = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         tps.append(batch * t / (time.perf_counter() - t0))
-    timed = tps[1:] if len(tps) > 2 else tps
+    timed = tps[int(len(tps) > 2):len(tps) - int(len(tps) > 3)]
     rate = len(timed) / sum(1.0 / r for r in timed)
     return {
         "case": case, "objective": objective, "size": size, "batch": batch, "seq_len": t,

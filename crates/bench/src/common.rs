@@ -154,19 +154,20 @@ pub fn bench_spec<'a>(
         resume: false,
         stop_after: None,
         aligned_windows: None,
+        overlap_teacher: cocomix_trainer::overlap_from_env(),
         device: Device::Cpu,
         config_text: String::new(),
     }
 }
 
-/// Tokens per second of a finished bench run: the harmonic mean over its steps, the first
-/// (allocation warm-up) left out when there are more than two.
+/// Tokens per second of a finished bench run: the harmonic mean over its steps in the steady
+/// state. The first step (allocation warm-up, and its batch built while nothing overlaps it)
+/// is left out when there are more than two, the last (no next batch to build alongside it)
+/// when there are more than three.
 pub fn run_tokens_per_s(run_dir: &Path) -> Result<f64> {
     let m = cocomix_trainer::read_metrics(run_dir)?;
-    let timed: Vec<f64> = m
-        .iter()
-        .skip(if m.len() > 2 { 1 } else { 0 })
-        .map(|r| r.tokens_per_s)
-        .collect();
+    let first = usize::from(m.len() > 2);
+    let last = m.len() - usize::from(m.len() > 3);
+    let timed: Vec<f64> = m[first..last].iter().map(|r| r.tokens_per_s).collect();
     Ok(timed.len() as f64 / timed.iter().map(|x| 1.0 / x).sum::<f64>())
 }

@@ -7,7 +7,8 @@ use crate::gpt2::{Dropout, Gpt2, Hook, KvCache, ResidualGrad};
 use crate::Result;
 
 /// A causal language model usable as a teacher. Blocks are numbered from 0; "after block L"
-/// is Hugging Face's `hidden_states[L + 1]`.
+/// is Hugging Face's `hidden_states[L + 1]`. `Sync`: the trainer runs the teacher's work for
+/// the next batch on its own thread while the student trains on the current one.
 ///
 /// ```no_run
 /// use candle_core::{Device, Tensor};
@@ -18,7 +19,7 @@ use crate::Result;
 /// let rg = teacher.residual_grad(&ids, teacher.n_layer() / 2)?;
 /// # Ok::<(), cocomix_model::Error>(())
 /// ```
-pub trait CausalLm {
+pub trait CausalLm: Sync {
     /// Width of the residual stream.
     fn d_model(&self) -> usize;
     /// Number of blocks.

@@ -7,11 +7,13 @@ pub mod compare;
 mod config;
 pub mod optim;
 pub mod pipeline;
+mod prefetch;
 pub mod report;
 mod run;
 
 pub use cocomix_dist::{launcher_rank, Comm, DistConfig};
 pub use config::*;
+pub use prefetch::overlap_from_env;
 pub use run::{
     default_device, label_permutation, list_checkpoints, rank_device, read_metrics, train,
     train_dist, validate, validate_dist, window_shuffle, Labels, Relabel, StepMetrics,

@@ -14,6 +14,7 @@ use cocomix_dist::Comm;
 use cocomix_model::{AnyModel, CausalLm, ConceptConfig, Gpt2Config, PauseConfig, StudentConfig};
 use cocomix_sae::{Sae, SaeTrainConfig, SaeTrainer};
 
+use crate::prefetch::overlap_from_env;
 use crate::report::write_run_report;
 use crate::run::{train_dist, Labels, TrainOutcome, TrainSpec};
 use crate::{Arm, Error, LabelSource, Objective, Result, RunConfig, Source};
@@ -547,6 +548,7 @@ fn base_spec<'a>(
         resume,
         stop_after: None,
         aligned_windows: None,
+        overlap_teacher: overlap_from_env(),
         device: device.clone(),
         config_text: cfg.to_toml(),
     }

@@ -36,6 +36,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::{lr_at, AdamW};
+use crate::prefetch::Batches;
 use crate::{ConceptSection, Error, KdSection, Objective, OptimSection, Result};
 
 /// Where CoCoMix labels come from.
@@ -75,6 +76,9 @@ pub struct TrainSpec<'a> {
     /// Stop (as if killed) right after this step: for tests of resumption.
     pub stop_after: Option<u64>,
     pub device: Device,
+    /// Run the teacher's work for the next micro-batch (KD logits, online labels) on its own
+    /// thread while the student trains on the current one (CPU only; the same results).
+    pub overlap_teacher: bool,
     /// Text written into `run_dir/config.toml`.
     pub config_text: String,
 }
@@ -237,10 +241,12 @@ pub fn validate_dist(
     Ok(acc[0] / acc[1])
 }
 
-struct Batch {
+pub(crate) struct Batch {
     x: Tensor,
     y: Tensor,
     labels: Option<Tensor>,
+    /// The teacher's logits `[B, T, V]` (KD).
+    teacher_logits: Option<Tensor>,
     /// FNV-1a hash of the batch's token ids (recorded so comparisons can prove that
     /// objectives saw the same batches).
     hash: u64,
@@ -263,20 +269,19 @@ fn fnv1a(ids: &[u32], mut h: u64) -> u64 {
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
-/// Rows `part` of the `rows` rows of micro-batch `micro` of step `step`: a pure function of
-/// `(seed, step, micro)` and the data, the same for every objective. With aligned windows
-/// (a label cache), rows are whole cached windows; otherwise windows at random offsets.
-/// `relabel` applies the label ablations. The hash covers all `rows` rows.
-fn make_batch(
+/// Rows `part` of the `rows` rows of micro-batch `index` (`step · grad_accum + micro`), with
+/// the teacher's work on them (online labels, KD logits): a pure function of
+/// `(seed, index)`, the data and the frozen teacher, the same for every objective. With
+/// aligned windows (a label cache), rows are whole cached windows; otherwise windows at
+/// random offsets. `relabel` applies the label ablations. The hash covers all `rows` rows.
+pub(crate) fn make_batch(
     spec: &TrainSpec,
-    step: u64,
-    micro: u64,
+    index: u64,
     rows: usize,
     part: Range<usize>,
     relabel: &Relabel,
 ) -> Result<Batch> {
     let t = spec.student.gpt2.n_positions;
-    let index = step * spec.optim.grad_accum as u64 + micro;
     let dev = &spec.device;
     let wants_labels = spec.objective.needs_labels();
     let cache = match &spec.labels {
@@ -323,7 +328,21 @@ fn make_batch(
             Tensor::from_vec(l, (rows, t, k), dev)
         })
         .transpose()?;
-    Ok(Batch { x, y, labels, hash })
+    let teacher_logits = if spec.objective == Objective::Kd {
+        let teacher = spec
+            .teacher
+            .ok_or_else(|| Error::Other("KD needs a teacher".into()))?;
+        Some(teacher.logits(&x)?)
+    } else {
+        None
+    };
+    Ok(Batch {
+        x,
+        y,
+        labels,
+        teacher_logits,
+        hash,
+    })
 }
 
 struct Losses {
@@ -343,13 +362,9 @@ fn losses(spec: &TrainSpec, student: &Student, b: &Batch, dropout: &mut Dropout)
         concept: None,
         kd: None,
     };
-    if spec.objective == Objective::Kd {
-        let teacher = spec
-            .teacher
-            .ok_or_else(|| Error::Other("KD needs a teacher".into()))?;
-        let tl = teacher.logits(&b.x)?;
+    if let Some(tl) = &b.teacher_logits {
         let (a, tau) = (spec.kd.alpha, spec.kd.tau);
-        let kl = kd_kl(&out.logits, &tl, tau)?;
+        let kl = kd_kl(&out.logits, tl, tau)?;
         let kd_term = (&kl * (a * tau * tau))?;
         // α = 1 (the default): the CE is only logged, so its backward is not run.
         let total = if a == 1.0 {
@@ -630,7 +645,7 @@ fn accumulate(
     spec: &TrainSpec,
     student: &Student,
     step: u64,
-    relabel: &Relabel,
+    batches: &mut Batches,
     last_good: Option<&Path>,
     comm: &Comm,
 ) -> Result<(Vec<Tensor>, StepLosses)> {
@@ -643,7 +658,7 @@ fn accumulate(
     let mut sums = StepLosses::default();
     for micro in 0..o.grad_accum as u64 {
         let index = step * o.grad_accum as u64 + micro;
-        let b = make_batch(spec, step, micro, rows, part.clone(), relabel)?;
+        let b = batches.get(index)?;
         sums.batch_hash = b.hash ^ sums.batch_hash.rotate_left(7);
         let mut dropout = Dropout::seeded(spec.seed ^ index.wrapping_mul(0xD129_0A5B_3C31_4F6B))
             .with_row_offset(part.start as u64);
@@ -876,73 +891,84 @@ pub fn train_dist(spec: &TrainSpec, comm: &Comm) -> Result<TrainOutcome> {
     let mut stopped_early = false;
     let mut last_good = list_checkpoints(run_dir).first().map(|c| c.1.clone());
 
-    while st.step < o.steps {
-        comm.set_phase(format!("step {} of {}", st.step + 1, run_dir.display()));
-        let t0 = Instant::now();
-        let lr = lr_at(o, st.step);
-        let (grads, sums) = accumulate(
-            spec,
-            &st.student,
-            st.step,
-            &relabel,
-            last_good.as_deref(),
-            comm,
-        )?;
-        let grad_norm = st.opt.clip_and_update(&grads, lr, o.clip)?;
-        let step_s = t0.elapsed().as_secs_f64();
-        st.train_s += step_s;
-        let step_tokens = (o.batch_size * t) as u64;
-        st.tokens += step_tokens;
-        st.step += 1;
-        let n = o.grad_accum as f64;
-        let mut m = StepMetrics {
-            step: st.step,
-            tokens: st.tokens,
-            lr,
-            loss_ntp: sums.ntp / n,
-            loss_concept: sums.concept.map(|c| c / n),
-            loss_kd: sums.kd.map(|k| k / n),
-            loss: sums.total / n,
-            grad_norm,
-            tokens_per_s: step_tokens as f64 / step_s,
-            wall_s: wall(&st),
-            resumed_from: st.resumed_from.filter(|&r| r + 1 == st.step),
-            batch_hash: Some(format!("{:016x}", sums.batch_hash)),
-            ..Default::default()
-        };
-        if st.step % spec.eval_every == 0 || st.step == o.steps {
-            let vl = validate_dist(&st.student, spec.data, t, spec.max_val_blocks, rows, comm)?;
-            m.val_loss = Some(vl);
-            m.val_ppl = Some(vl.exp());
-            last_val = Some(vl);
-            if st.best_val.is_none_or(|b| vl < b) {
-                st.best_val = Some(vl);
-                if writer {
-                    save_model_dir(&st.student, spec.data, &run_dir.join("best"))?;
+    // The teacher's work per batch (KD logits, online labels) overlaps the student's step
+    // on the CPU (same results); a GPU runs its kernels in order anyway.
+    let overlap = spec.overlap_teacher
+        && spec.device.is_cpu()
+        && (spec.objective == Objective::Kd
+            || (spec.objective.needs_labels()
+                && matches!(spec.labels, Some(Labels::Online { .. }))));
+    std::thread::scope(|scope| -> Result<()> {
+        let mut batches = Batches::new(scope, spec, rows, comm.share(rows), &relabel, overlap);
+        while st.step < o.steps {
+            comm.set_phase(format!("step {} of {}", st.step + 1, run_dir.display()));
+            let t0 = Instant::now();
+            let lr = lr_at(o, st.step);
+            let (grads, sums) = accumulate(
+                spec,
+                &st.student,
+                st.step,
+                &mut batches,
+                last_good.as_deref(),
+                comm,
+            )?;
+            let grad_norm = st.opt.clip_and_update(&grads, lr, o.clip)?;
+            let step_s = t0.elapsed().as_secs_f64();
+            st.train_s += step_s;
+            let step_tokens = (o.batch_size * t) as u64;
+            st.tokens += step_tokens;
+            st.step += 1;
+            let n = o.grad_accum as f64;
+            let mut m = StepMetrics {
+                step: st.step,
+                tokens: st.tokens,
+                lr,
+                loss_ntp: sums.ntp / n,
+                loss_concept: sums.concept.map(|c| c / n),
+                loss_kd: sums.kd.map(|k| k / n),
+                loss: sums.total / n,
+                grad_norm,
+                tokens_per_s: step_tokens as f64 / step_s,
+                wall_s: wall(&st),
+                resumed_from: st.resumed_from.filter(|&r| r + 1 == st.step),
+                batch_hash: Some(format!("{:016x}", sums.batch_hash)),
+                ..Default::default()
+            };
+            if st.step % spec.eval_every == 0 || st.step == o.steps {
+                let vl = validate_dist(&st.student, spec.data, t, spec.max_val_blocks, rows, comm)?;
+                m.val_loss = Some(vl);
+                m.val_ppl = Some(vl.exp());
+                last_val = Some(vl);
+                if st.best_val.is_none_or(|b| vl < b) {
+                    st.best_val = Some(vl);
+                    if writer {
+                        save_model_dir(&st.student, spec.data, &run_dir.join("best"))?;
+                    }
                 }
             }
+            if let Some(log) = log.as_mut() {
+                log.append(&m)?;
+            }
+            bar.set_position(st.step);
+            bar.set_message(format!(
+                "loss {:.3}{} {:.0} tok/s",
+                m.loss_ntp,
+                m.loss_concept
+                    .map(|c| format!(" concept {c:.3}"))
+                    .or(m.loss_kd.map(|k| format!(" kd {k:.3}")))
+                    .unwrap_or_default(),
+                m.tokens_per_s
+            ));
+            if writer && (st.step % spec.checkpoint_every == 0 || st.step == o.steps) {
+                last_good = Some(st.checkpoint(spec, wall(&st))?);
+            }
+            if spec.stop_after == Some(st.step) && st.step < o.steps {
+                stopped_early = true;
+                break;
+            }
         }
-        if let Some(log) = log.as_mut() {
-            log.append(&m)?;
-        }
-        bar.set_position(st.step);
-        bar.set_message(format!(
-            "loss {:.3}{} {:.0} tok/s",
-            m.loss_ntp,
-            m.loss_concept
-                .map(|c| format!(" concept {c:.3}"))
-                .or(m.loss_kd.map(|k| format!(" kd {k:.3}")))
-                .unwrap_or_default(),
-            m.tokens_per_s
-        ));
-        if writer && (st.step % spec.checkpoint_every == 0 || st.step == o.steps) {
-            last_good = Some(st.checkpoint(spec, wall(&st))?);
-        }
-        if spec.stop_after == Some(st.step) && st.step < o.steps {
-            stopped_early = true;
-            break;
-        }
-    }
+        Ok(())
+    })?;
     bar.finish_and_clear();
     let final_dir = run_dir.join("final");
     let saved = if writer && !stopped_early {

@@ -191,6 +191,7 @@ fn run_with(
             mode: LabelMode::Faithful,
         })),
         aligned_windows: None,
+        overlap_teacher: true,
         concept,
         kd: cfg.kd.clone(),
         eval_every: 2,

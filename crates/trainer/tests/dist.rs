@@ -157,6 +157,7 @@ fn spec<'a>(
         teacher: Some(&f.teacher),
         labels,
         aligned_windows: None,
+        overlap_teacher: true,
         concept: c.concept.clone(),
         kd: c.kd.clone(),
         eval_every: 3,

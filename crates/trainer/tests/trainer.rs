@@ -289,6 +289,7 @@ fn spec<'a>(
         resume: false,
         stop_after: None,
         aligned_windows: None,
+        overlap_teacher: true,
         device: DEV,
         config_text: c.to_toml(),
     }
@@ -302,12 +303,10 @@ fn losses(run: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-#[test]
-fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let (data, tok) = tiny_data(dir.path());
+/// A random 2-block teacher of width 8 and a TopK SAE of 24 latents on its residual stream.
+fn tiny_teacher(vocab: usize) -> (Gpt2, cocomix_sae::Sae) {
     let teacher = Gpt2::new(
-        &Gpt2Config::new(tok.vocab_size(), 16, 8, 2, 2).with_dropout(0.0),
+        &Gpt2Config::new(vocab, 16, 8, 2, 2).with_dropout(0.0),
         &mut Params::random(2, &DEV, false),
     )
     .unwrap();
@@ -320,14 +319,64 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
         "test".into(),
     )
     .unwrap();
-    for objective in [Objective::Ntp, Objective::Kd, Objective::Cocomix] {
-        let labels = || {
-            (objective == Objective::Cocomix).then_some(Labels::Online {
-                sae: &sae,
-                layer: 0,
-                mode: cocomix_attribution::LabelMode::Faithful,
+    (teacher, sae)
+}
+
+/// Online labels from `sae` when `objective` is CoCoMix.
+fn online_labels(objective: Objective, sae: &cocomix_sae::Sae) -> Option<Labels<'_>> {
+    (objective == Objective::Cocomix).then_some(Labels::Online {
+        sae,
+        layer: 0,
+        mode: cocomix_attribution::LabelMode::Faithful,
+    })
+}
+
+#[test]
+fn overlapping_the_teachers_work_with_the_students_step_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, tok) = tiny_data(dir.path());
+    let (teacher, sae) = tiny_teacher(tok.vocab_size());
+    // Every logged number of every step (losses, gradient norm, batch hash), with the teacher's
+    // batches built one ahead on their own thread and built in place.
+    let run = |objective: Objective, overlap: bool| {
+        let run_dir = dir.path().join(format!("{objective}-{overlap}"));
+        let mut s = spec(
+            &data,
+            tok.vocab_size(),
+            &run_dir,
+            objective,
+            Some(&teacher),
+            online_labels(objective, &sae),
+        );
+        s.overlap_teacher = overlap;
+        train(&s).unwrap();
+        cocomix_trainer::read_metrics(&run_dir)
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let n = |x: Option<f64>| x.map(f64::to_bits);
+                (
+                    (m.step, m.loss.to_bits(), m.loss_ntp.to_bits()),
+                    (n(m.loss_kd), n(m.loss_concept), m.grad_norm.to_bits()),
+                    (n(m.val_loss), m.batch_hash.clone()),
+                )
             })
-        };
+            .collect::<Vec<_>>()
+    };
+    for objective in [Objective::Kd, Objective::Cocomix] {
+        let ahead = run(objective, true);
+        assert_eq!(ahead.len(), 6);
+        assert_eq!(ahead, run(objective, false), "{objective}");
+    }
+}
+
+#[test]
+fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, tok) = tiny_data(dir.path());
+    let (teacher, sae) = tiny_teacher(tok.vocab_size());
+    for objective in [Objective::Ntp, Objective::Kd, Objective::Cocomix] {
+        let labels = || online_labels(objective, &sae);
         let full = dir.path().join(format!("full-{objective}"));
         let out = train(&spec(
             &data,
