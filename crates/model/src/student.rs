@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::gpt2::{Dropout, Gpt2, Gpt2Config, KvCache};
-use crate::ops::{apply_steer, linear_in, topk, unbiased_layer_norm, WeightLayout};
+use crate::ops::{apply_steer, compress_kept, linear_in, topk, unbiased_layer_norm, WeightLayout};
 pub use crate::ops::{Steer, SteerMode};
 use crate::params::{save_safetensors, Init, Params, TensorFile};
 use crate::{Error, Result};
@@ -387,20 +387,7 @@ impl ConceptPath {
     /// only the kept logits and the kept columns, exactly as with the dense mask. `z [.., C]`
     /// with `N` rows (`[N, C]` or `[B, T, C]`), `idx [N, K_c]`; returns `[N, d]`.
     pub fn compress_sparse(&self, z: &Tensor, idx: &Tensor) -> Result<Tensor> {
-        let (n, k) = idx.dims2()?;
-        let w = self.compress_w()?;
-        let d = w.dim(0)?;
-        // z [.., C] with N rows is read where it is (a reshape would add an [N, C] node).
-        let mut kept = z.dims().to_vec();
-        if let Some(last) = kept.last_mut() {
-            *last = k;
-        }
-        let vals = z
-            .gather(&idx.reshape(kept)?, z.rank() - 1)?
-            .reshape((n, k))?; // [N, K_c]
-        let cols = w.index_select(&idx.flatten_all()?, 1)?; // [d, N·K_c]
-        let cols = cols.t()?.reshape((n, k, d))?; // [N, K_c, d]
-        Ok(vals.unsqueeze(2)?.broadcast_mul(&cols)?.sum(1)?)
+        Ok(compress_kept(z, idx, self.compress_w()?)?)
     }
 
     /// The same product with the dense mask of the reference release (for tests).

@@ -21,6 +21,7 @@ use rayon::prelude::*;
 pub mod adamw;
 mod attention;
 mod bias;
+mod compress;
 mod dropout;
 pub mod fused;
 mod gelu;
@@ -34,6 +35,7 @@ pub use attention::{
     causal_attention, causal_attention_composed, causal_attention_qkv, causal_mask, softmax_last,
 };
 pub use bias::{add_dropout, bias_add};
+pub use compress::{compress_kept, compress_kept_composed};
 pub use dropout::{dropout, DropoutKey};
 pub use gelu::{bias_gelu, bias_gelu_composed};
 pub use layer_norm::{

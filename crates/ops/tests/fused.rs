@@ -5,7 +5,8 @@ use cocomix_ops::adamw::{sum_squares, AdamWStep};
 use cocomix_ops::fused::with_fused;
 use cocomix_ops::{
     add_dropout, bias_add, bias_gelu, bias_gelu_composed, causal_attention,
-    causal_attention_composed, causal_attention_qkv, concept_loss, cross_entropy, kd_kl,
+    causal_attention_composed, causal_attention_qkv, compress_kept, compress_kept_composed,
+    concept_loss, cross_entropy, kd_kl,
     layer_norm_composed, linear, linear_composed, softmax_cross_entropy,
     softmax_cross_entropy_composed, softmax_kl, softmax_kl_composed, unbiased_layer_norm,
     unbiased_layer_norm_composed, DropoutKey, LayerNorm, WeightLayout,
@@ -219,6 +220,56 @@ fn bias_gelu_matches_composed_and_finite_differences() -> R {
     let y = bias_gelu(&t, &Tensor::zeros(4, DType::F32, &DEV)?)?.to_vec2::<f32>()?;
     assert_eq!(y[0][2..], [30.0, 100.0]);
     assert!(y[0][..2].iter().all(|v| v.abs() < 1e-30));
+    Ok(())
+}
+
+#[test]
+fn compress_on_the_kept_logits_matches_composed_and_finite_differences() -> R {
+    // 140 rows (three row blocks) of 600 concepts (two concept blocks of the weight
+    // gradient), 5 kept per row, width 9; row 3 keeps concept 7 twice.
+    let (b, t, c, k, d) = (2, 70, 600, 5, 9);
+    let n = b * t;
+    let z = randn(&[b, t, c], 60);
+    let w = randn(&[d, c], 61);
+    let wy = randn(&[n, d], 62);
+    let mut idx: Vec<u32> = (0..n * k)
+        .map(|p| ((p / k * 37 + (p % k) * 113) % c) as u32)
+        .collect();
+    idx[3 * k + 1] = 7;
+    idx[3 * k + 2] = 7;
+    let idx = Tensor::from_vec(idx, (n, k), &DEV)?;
+    let (zv, wv) = (Var::from_tensor(&z)?, Var::from_tensor(&w)?);
+    let y = compress_kept(zv.as_tensor(), &idx, wv.as_tensor())?;
+    assert_close("compress", &y, &compress_kept_composed(&z, &idx, &w)?, 1e-5);
+    let g = weighted(&y, &wy)?.backward()?;
+    let (dz, dw) = (g.get(zv.as_tensor()).unwrap(), g.get(wv.as_tensor()).unwrap());
+    // Against the composed form's own gradients everywhere (most entries are exact zeros)...
+    let (zc, wc) = (Var::from_tensor(&z)?, Var::from_tensor(&w)?);
+    let gc = weighted(&compress_kept_composed(zc.as_tensor(), &idx, wc.as_tensor())?, &wy)?
+        .backward()?;
+    assert_close("compress dz", dz, gc.get(zc.as_tensor()).unwrap(), 1e-5);
+    assert_close("compress dW", dw, gc.get(wc.as_tensor()).unwrap(), 1e-5);
+    // ...and finite differences at kept entries and elsewhere.
+    let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    check_grad(
+        "compress dz",
+        &|z| weighted(&compress_kept_composed(z, &idx, &f(&w))?, &wy),
+        &z,
+        dz,
+        389,
+    );
+    check_grad(
+        "compress dW",
+        &|w| weighted(&compress_kept_composed(&f(&z), &idx, w)?, &wy),
+        &w,
+        dw,
+        7,
+    );
+    // An index past the last concept is an error, not a panic.
+    let bad = Tensor::from_vec(vec![c as u32; n * k], (n, k), &DEV)?;
+    let err = compress_kept(&z, &bad, &w).unwrap_err().to_string();
+    assert!(err.contains("out of range"), "{err}");
+    assert!(compress_kept(&z, &idx, &w.t()?).is_err());
     Ok(())
 }
 
