@@ -4,8 +4,9 @@
 Each case builds the same model shapes, data sizes, dropout, optimizer, clipping and loss as
 the Rust case of the same name (crates/bench/src/train.rs) and times the same thing: the
 step from making the batch (and, for online labels, the teacher + SAE attribution) through
-forward, backward, clipping and AdamW. Default shape: 6 steps, the first untimed; 69M shape:
-2 steps, both timed (exactly as the Rust bench). Tokens/s is the harmonic mean over timed steps.
+forward, backward, clipping and AdamW. Default shape: 6 steps, 69M shape: 4 steps; the first
+and the last are not timed (exactly as the Rust bench). Tokens/s is the harmonic mean over the
+timed steps.
 
 Differences from the Rust side, all deliberate and all outside the timed math:
   * model code is HF-style GPT-2 written here (same parameter shapes, init N(0, 0.02),
@@ -18,6 +19,9 @@ Differences from the Rust side, all deliberate and all outside the timed math:
   * online labels: residual gradient of the frozen teacher (no weight gradients), SAE encode
     (unbiased LayerNorm, top-k, ReLU), sparse attribution `z * <g, W_dec[:, i]>`, then
     `torch.topk` over the dense score vector (ties in torch's order, not lowest index);
+  * the teacher's work for a batch (KD logits, online labels) runs in sequence with the
+    student's step here; the Rust trainer builds it one batch ahead on its own thread,
+    overlapping the student's step (same numbers; `COCOMIX_OVERLAP=0` runs it in sequence);
   * the concept compress is the sparse form `sum_j z[i_j] W[:, i_j]` like ours (identical
     values and gradients); `--compress dense` runs the reference release's
     `compress_layer(mask * z)` instead.

@@ -6,10 +6,9 @@ use cocomix_ops::fused::with_fused;
 use cocomix_ops::{
     add_dropout, bias_add, bias_gelu, bias_gelu_composed, causal_attention,
     causal_attention_composed, causal_attention_qkv, compress_kept, compress_kept_composed,
-    concept_loss, cross_entropy, kd_kl,
-    layer_norm_composed, linear, linear_composed, softmax_cross_entropy,
-    softmax_cross_entropy_composed, softmax_kl, softmax_kl_composed, unbiased_layer_norm,
-    unbiased_layer_norm_composed, DropoutKey, LayerNorm, WeightLayout,
+    concept_loss, cross_entropy, kd_kl, layer_norm_composed, linear, linear_composed,
+    softmax_cross_entropy, softmax_cross_entropy_composed, softmax_kl, softmax_kl_composed,
+    unbiased_layer_norm, unbiased_layer_norm_composed, DropoutKey, LayerNorm, WeightLayout,
 };
 
 type R = candle_core::Result<()>;
@@ -242,11 +241,17 @@ fn compress_on_the_kept_logits_matches_composed_and_finite_differences() -> R {
     let y = compress_kept(zv.as_tensor(), &idx, wv.as_tensor())?;
     assert_close("compress", &y, &compress_kept_composed(&z, &idx, &w)?, 1e-5);
     let g = weighted(&y, &wy)?.backward()?;
-    let (dz, dw) = (g.get(zv.as_tensor()).unwrap(), g.get(wv.as_tensor()).unwrap());
+    let (dz, dw) = (
+        g.get(zv.as_tensor()).unwrap(),
+        g.get(wv.as_tensor()).unwrap(),
+    );
     // Against the composed form's own gradients everywhere (most entries are exact zeros)...
     let (zc, wc) = (Var::from_tensor(&z)?, Var::from_tensor(&w)?);
-    let gc = weighted(&compress_kept_composed(zc.as_tensor(), &idx, wc.as_tensor())?, &wy)?
-        .backward()?;
+    let gc = weighted(
+        &compress_kept_composed(zc.as_tensor(), &idx, wc.as_tensor())?,
+        &wy,
+    )?
+    .backward()?;
     assert_close("compress dz", dz, gc.get(zc.as_tensor()).unwrap(), 1e-5);
     assert_close("compress dW", dw, gc.get(wc.as_tensor()).unwrap(), 1e-5);
     // ...and finite differences at kept entries and elsewhere.
