@@ -619,8 +619,7 @@ impl Gpt2 {
             None,
             &mut dropout,
         )?;
-        let logits = self.head(&h)?;
-        let loss = next_token_loss(&logits, ids)?;
+        let loss = head_next_token_loss(|h| self.head(h), &h, ids)?;
         let grads = loss.backward()?;
         let grad = grads
             .get(x.as_tensor())
@@ -632,6 +631,23 @@ impl Gpt2 {
             loss: loss.to_dtype(DType::F32)?.to_scalar()?,
         })
     }
+}
+
+/// [`next_token_loss`] of `head(h)` for `h [B, T, d]`, with the head run on positions
+/// `..T-1` only: the last position predicts nothing, and narrowing `h` rather than the
+/// logits keeps a `[B, T, V]` copy (and its gradient) out of the graph.
+pub(crate) fn head_next_token_loss(
+    head: impl Fn(&Tensor) -> Result<Tensor>,
+    h: &Tensor,
+    ids: &Tensor,
+) -> Result<Tensor> {
+    let t = h.dim(1)?;
+    let logits = head(&h.narrow(1, 0, t - 1)?.contiguous()?)?; // [B, T-1, V]
+    let target = ids
+        .narrow(1, 1, t - 1)?
+        .to_dtype(DType::U32)?
+        .contiguous()?; // [B, T-1]
+    Ok(crate::ops::cross_entropy(&logits, &target)?)
 }
 
 /// Mean cross-entropy of `logits [B, T, V]` predicting `ids[:, 1:]` from positions `..T-1`.

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
-use crate::gpt2::{next_token_loss, Hook, KvCache, LayerKv, ResidualGrad};
+use crate::gpt2::{head_next_token_loss, Hook, KvCache, LayerKv, ResidualGrad};
 use crate::ops::{causal_mask, linear_in, WeightLayout};
 use crate::params::{Init, Params, TensorFile};
 use crate::{Error, Result};
@@ -917,7 +917,7 @@ impl Llama {
             None,
             None,
         )?;
-        let loss = next_token_loss(&self.head(&h)?, ids)?;
+        let loss = head_next_token_loss(|h| self.head(h), &h, ids)?;
         let grads = loss.backward()?;
         let grad = grads
             .get(x.as_tensor())

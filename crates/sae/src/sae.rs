@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
-use cocomix_ops::{topk, unbiased_layer_norm};
+use cocomix_ops::{linear, topk, unbiased_layer_norm, WeightLayout};
 
 use crate::{Error, Result};
 
@@ -338,7 +338,8 @@ impl Sae {
         } else {
             xn.clone()
         };
-        Ok(xin.matmul(&p.w_enc.t()?)?.broadcast_add(&p.b_enc)?)
+        // One fused node on the CPU: W_enc [C, d] read as stored, the bias in the output.
+        Ok(linear(&xin, &p.w_enc, Some(&p.b_enc), WeightLayout::OutIn)?)
     }
 
     /// The kept latents of pre-activations `pre [n, C]`: `(indices, values)`, `[n, w]`.
