@@ -19,8 +19,9 @@ use crate::simd::{dispatch, dot, Isa};
 /// integer dtype) and `w [d, C]` (`nn.Linear(C, d)`'s weight): `[N, d]`. Gradients reach the
 /// kept logits and the kept columns only. A repeated index counts once per occurrence.
 pub fn compress_kept(z: &Tensor, idx: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let (n, k, c, _) = dims(z, idx, w)?;
-    if use_fused(&[z, w]) {
+    let (n, k, c, d) = dims(z, idx, w)?;
+    // Empty shapes take the composed path (the kernels' chunk sizes would be 0).
+    if use_fused(&[z, w]) && n * k * c * d > 0 {
         return z.contiguous()?.apply_op3(
             &idx.to_dtype(DType::U32)?.contiguous()?,
             &w.contiguous()?,
@@ -69,7 +70,7 @@ struct CompressKept {
     n: usize,
     k: usize,
     c: usize,
-    /// `Wᵀ [C, d]` from the forward pass, for the backward's `∂z`.
+    /// `Wᵀ [C, d]` from the forward pass, for the backward's `∂z` (taken by the first).
     wt: Mutex<Vec<f32>>,
 }
 
@@ -167,9 +168,10 @@ impl CustomOp3 for CompressKept {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k, c) = (self.n, self.k, self.c);
         let d = w.dim(0)?;
-        let wt = std::mem::take(&mut *self.wt.lock().map_err(|_| poisoned())?);
+        // The forward's copy, freed here; a second backward over the same graph rebuilds it.
+        let mut wt = std::mem::take(&mut *self.wt.lock().map_err(|_| poisoned())?);
         if wt.len() != c * d {
-            candle_core::bail!("{NAME}: backward without its forward's saved weight")
+            wt = with_host(w, NAME, |w| transpose(w, d, c))?;
         }
         let want_dw = w.track_op();
         let (dz, dw) = with_host(g, NAME, |g| {

@@ -270,6 +270,20 @@ fn compress_on_the_kept_logits_matches_composed_and_finite_differences() -> R {
         dw,
         7,
     );
+    // A second backward over the same graph gives the same gradients.
+    let again = weighted(&y, &wy)?.backward()?;
+    assert_close(
+        "compress dz again",
+        again.get(zv.as_tensor()).unwrap(),
+        dz,
+        0.0,
+    );
+    assert_close(
+        "compress dW again",
+        again.get(wv.as_tensor()).unwrap(),
+        dw,
+        0.0,
+    );
     // An index past the last concept is an error, not a panic.
     let bad = Tensor::from_vec(vec![c as u32; n * k], (n, k), &DEV)?;
     let err = compress_kept(&z, &bad, &w).unwrap_err().to_string();

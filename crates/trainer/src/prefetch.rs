@@ -7,8 +7,10 @@
 //! worker threads idle between and inside its ops. Both halves submit their parallel work to
 //! the same rayon pool, so each fills the other's gaps. Nothing else changes: a batch is a
 //! pure function of `(seed, step, micro)` and the frozen teacher, and every kernel sees the
-//! same pool (the same thread count, the same chunking) as without the overlap, so the run is
-//! the same bit for bit.
+//! same pool (the same thread count, the same chunking) and the caller's fused-kernel setting
+//! as without the overlap, so the run is the same bit for bit. (The producer submits to the
+//! global pool: a caller training inside another pool's `install` gets the same numbers only
+//! where the kernels do not depend on the thread count.)
 use std::ops::Range;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::Scope;
@@ -32,7 +34,8 @@ pub(crate) struct Batches<'a> {
     ahead: Option<Ahead>,
 }
 
-/// The producer thread's ends of the two channels, and the batch it is working on.
+/// The consumer's ends of the channels to the producer thread (requests out, batches in), and
+/// the batch the producer is working on.
 struct Ahead {
     requests: Sender<u64>,
     results: Receiver<(u64, Result<Batch>)>,
@@ -57,10 +60,13 @@ impl<'a> Batches<'a> {
             let (requests, todo) = channel::<u64>();
             let (done, results) = channel();
             let part = part.clone();
+            let fused = cocomix_model::ops::fused::fused_enabled(); // a thread-local override
             scope.spawn(move || {
                 // Ends when the consumer drops its sender (or stops listening).
                 for index in todo {
-                    let b = make_batch(spec, index, rows, part.clone(), relabel);
+                    let b = cocomix_model::ops::fused::with_fused(fused, || {
+                        make_batch(spec, index, rows, part.clone(), relabel)
+                    });
                     if done.send((index, b)).is_err() {
                         break;
                     }
@@ -89,10 +95,11 @@ impl<'a> Batches<'a> {
             return build();
         };
         let b = match a.pending.take() {
-            Some(p) if p == index => a.recv()?,
+            Some(p) if p == index => a.recv(p)?,
             stale => {
-                if stale.is_some() {
-                    a.recv()?; // a batch nobody asked for any more (not expected)
+                if let Some(p) = stale {
+                    // A batch nobody asks for any more (not expected): dropped, errors too.
+                    let _ = a.recv(p);
                 }
                 build()?
             }
@@ -110,11 +117,17 @@ impl<'a> Batches<'a> {
 }
 
 impl Ahead {
-    fn recv(&self) -> Result<Batch> {
-        let (_, b) = self
+    /// The producer's batch `index` (its results come in the order of the requests).
+    fn recv(&self, index: u64) -> Result<Batch> {
+        let (i, b) = self
             .results
             .recv()
             .map_err(|_| Error::Other("the batch producer thread has stopped".into()))?;
+        if i != index {
+            return Err(Error::Other(format!(
+                "the batch producer sent batch {i}, expected {index}"
+            )));
+        }
         b
     }
 }

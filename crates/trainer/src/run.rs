@@ -895,6 +895,7 @@ pub fn train_dist(spec: &TrainSpec, comm: &Comm) -> Result<TrainOutcome> {
     // on the CPU (same results); a GPU runs its kernels in order anyway.
     let overlap = spec.overlap_teacher
         && spec.device.is_cpu()
+        && spec.teacher.is_none_or(|t| t.device().is_cpu())
         && (spec.objective == Objective::Kd
             || (spec.objective.needs_labels()
                 && matches!(spec.labels, Some(Labels::Online { .. }))));
