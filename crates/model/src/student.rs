@@ -350,8 +350,8 @@ impl ConceptPath {
     pub fn concept(&self, h: &Tensor, steer: &[Steer]) -> Result<(Option<Tensor>, Tensor)> {
         let (b, t, d) = h.dims3()?;
         let (n, c_dim, k) = (b * t, self.cfg.concept_dim, self.cfg.concept_num);
+        // [B, T, ·] throughout: each reshape of z would be an [N, C] node in the graph.
         let (x, mu, std) = unbiased_layer_norm(h, CONCEPT_LN_EPS)?; // [B,T,d], [B,T,1], [B,T,1]
-                                                                    // [B, T, ·] throughout: each reshape of z would be an [N, C] node in the graph.
         let u = x.broadcast_sub(&self.pre_bias)?;
         let (w, bias) = (&self.predictor_w, Some(&self.predictor_b));
         let z = linear_in(&u, w, bias, WeightLayout::OutIn, self.compute_dtype)?; // [B, T, C]

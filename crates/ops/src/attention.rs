@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use crate::dropout::{DropoutKey, RowMask};
 use crate::fused::use_fused;
 use crate::linear::mm;
-use crate::simd::{dispatch, dot, exp, Isa};
+use crate::simd::{dispatch, dot_rows, exp, Isa};
 
 /// Query rows per tile.
 const BR: usize = 64;
@@ -560,8 +560,6 @@ fn backward_group(
         }
     }
 }
-
-dispatch!(fn dot_rows(a: &[f32], b: &[f32]) -> f32 = dot);
 
 type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
 

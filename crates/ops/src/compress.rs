@@ -12,8 +12,8 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fused::{contiguous_f32, use_fused, with_host, with_host_u32};
-use crate::simd::{dispatch, dot, Isa};
+use crate::fused::{contiguous, contiguous_f32, use_fused, with_host, with_host_u32};
+use crate::simd::{dispatch, dot_rows, Isa};
 
 /// `Σ_j z[n, idx[n, j]] · w[:, idx[n, j]]` for `z [.., C]` with `N` rows, `idx [N, K]` (any
 /// integer dtype) and `w [d, C]` (`nn.Linear(C, d)`'s weight): `[N, d]`. Gradients reach the
@@ -114,13 +114,6 @@ fn axpy_body<I: Isa>(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-dispatch!(fn dot_rows(a: &[f32], b: &[f32]) -> f32 = dot_body);
-
-#[inline(always)]
-fn dot_body<I: Isa>(a: &[f32], b: &[f32]) -> f32 {
-    dot::<I>(a, b)
-}
-
 impl CustomOp3 for CompressKept {
     fn name(&self) -> &'static str {
         NAME
@@ -139,7 +132,7 @@ impl CustomOp3 for CompressKept {
         let z = contiguous_f32(zs, zl, NAME)?;
         let w = contiguous_f32(ws, wl, NAME)?;
         let d = w.len() / c.max(1);
-        let idx = indices(is, il)?;
+        let idx = contiguous::<u32>(is, il, NAME)?;
         let wt = transpose(w, d, c); // [C, d]
         let mut out = vec![0f32; n * d];
         out.par_chunks_mut(ROWS * d).enumerate().try_for_each(
@@ -232,15 +225,6 @@ fn z_grad(
             Ok(())
         })?;
     Ok(dz)
-}
-
-/// The indices as u32 (the forward's storage; top-k returns u32).
-fn indices<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
-    let data = s.as_slice::<u32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{NAME}: indices must be contiguous"),
-    }
 }
 
 fn poisoned() -> candle_core::Error {

@@ -8,7 +8,7 @@
 use std::cell::Cell;
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
 thread_local! {
@@ -44,17 +44,26 @@ pub(crate) fn use_fused(ts: &[&Tensor]) -> bool {
             .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
+/// The elements of a contiguous CPU storage of dtype `T`.
+pub(crate) fn contiguous<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    name: &str,
+) -> candle_core::Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{name}: input must be contiguous"),
+    }
+}
+
 /// The f32 elements of a contiguous CPU storage.
 pub(crate) fn contiguous_f32<'a>(
     s: &'a CpuStorage,
     l: &Layout,
     name: &str,
 ) -> candle_core::Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{name}: input must be contiguous"),
-    }
+    contiguous(s, l, name)
 }
 
 /// The forward of a row-wise op on `x [.., d]` with a bias `b [d]` (the op `name`): `f(x, b,
@@ -103,13 +112,7 @@ pub(crate) fn with_host_u32<R>(
     let t = t.to_dtype(DType::U32)?.contiguous()?;
     let (s, l) = t.storage_and_layout();
     match &*s {
-        Storage::Cpu(cs) => {
-            let data = cs.as_slice::<u32>()?;
-            match l.contiguous_offsets() {
-                Some((a, b)) => Ok(f(&data[a..b])),
-                None => candle_core::bail!("{name}: input must be contiguous"),
-            }
-        }
+        Storage::Cpu(cs) => Ok(f(contiguous::<u32>(cs, l, name)?)),
         _ => candle_core::bail!("{name}: the fused kernel runs on CPU tensors only"),
     }
 }

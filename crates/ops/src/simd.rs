@@ -112,6 +112,8 @@ pub(crate) fn dot<I: Isa>(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+dispatch!(pub(crate) fn dot_rows(a: &[f32], b: &[f32]) -> f32 = dot);
+
 /// `max x` (−∞ for an empty slice; NaN-propagating like a sequential scan is not needed:
 /// a NaN input gives a NaN loss either way).
 #[inline(always)]

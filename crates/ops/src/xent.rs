@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::fused::{contiguous_f32, use_fused, with_host, with_host_u32};
+use crate::fused::{contiguous, contiguous_f32, use_fused, with_host, with_host_u32};
 use crate::simd::{dispatch, exp, max, sum, Isa};
 
 /// Rows and width of `[.., V]`: every leading dim is a row, so `[B, T, V]` logits go in as
@@ -157,10 +157,7 @@ impl CustomOp2 for SoftmaxXent {
         tl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let z = contiguous_f32(zs, zl, self.name())?;
-        let t = match tl.contiguous_offsets() {
-            Some((a, b)) => &ts.as_slice::<u32>()?[a..b],
-            None => candle_core::bail!("{}: targets must be contiguous", self.name()),
-        };
+        let t = contiguous::<u32>(ts, tl, self.name())?;
         let ((n, v), (_, k)) = (rows(zl.dims(), self.name())?, rows(tl.dims(), self.name())?);
         if let Some(&bad) = t.iter().find(|&&x| x as usize >= v) {
             candle_core::bail!("cross-entropy: target id {bad} is outside the {v} classes")
