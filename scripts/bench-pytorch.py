@@ -27,7 +27,9 @@ Differences from the Rust side, all deliberate and all outside the timed math:
     `compress_layer(mask * z)` instead.
 
 Usage: bench-pytorch.py [--small] [--json] [--threads N] [--precision f32|bf16]
-                        [--compress sparse|dense] [--case CASE [--shapes JSON]]
+                        [--compress sparse|dense] [--device cpu|cuda] [--case CASE [--shapes JSON]]
+With --device cuda (the GPU check) the same step runs on the GPU (bf16: torch.autocast on
+CUDA); peak_gpu_mib is torch's peak allocation.
 Needs torch (CPU wheel is enough): python3 -m venv venv && venv/bin/pip install torch \
     --index-url https://download.pytorch.org/whl/cpu
 """
@@ -83,6 +85,9 @@ def run_case(case, args):
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    # Every tensor below is made on the bench device (`--device cuda` for the GPU check).
+    torch.set_default_device(args.device)
+    cuda = args.device.startswith("cuda")
     rest = case[len("train-"):]
     size, objective = rest.split("-", 1)
     cocomix = objective.startswith("cocomix")
@@ -210,7 +215,7 @@ def run_case(case, args):
 
     n_tok = (batch * 4 + 1) * t + 1
     data = (torch.arange(n_tok, dtype=torch.int64) * 2654435761) % sc["vocab"]
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=args.device).manual_seed(0)
 
     def online_labels(x):
         # Teacher blocks 0..=layer without a graph, then the upper blocks, ln_f and the head
@@ -264,7 +269,7 @@ def run_case(case, args):
 
     def step():
         x, y, labels = make_batch()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
             out = model(x)
         logits, z = (out if cocomix else (out, None))
         logits = logits.float()
@@ -291,7 +296,7 @@ def run_case(case, args):
     tps = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        step()
+        step()  # ends in .item(): on a GPU the step has finished when it returns
         tps.append(batch * t / (time.perf_counter() - t0))
     timed = tps[int(len(tps) > 2):len(tps) - int(len(tps) > 3)]
     rate = len(timed) / sum(1.0 / r for r in timed)
@@ -300,7 +305,8 @@ def run_case(case, args):
         "precision": args.precision, "compress": args.compress, "tokens_per_s": rate,
         "step_s": batch * t / rate,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "shapes": shp,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "device": args.device, "shapes": shp,
     }
 
 
@@ -312,6 +318,7 @@ def main():
     ap.add_argument("--precision", choices=["f32", "bf16"], default="f32")
     ap.add_argument("--compress", choices=["sparse", "dense"], default="sparse")
     ap.add_argument("--batch", type=int, help="sequences per step of the 69M cases")
+    ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     ap.add_argument("--case", help="run one case in this process")
     ap.add_argument("--shapes", help="the case's shapes as JSON (the `shapes` of `cocomix bench "
                     "train --case CASE`), instead of this script's table")
@@ -325,7 +332,7 @@ def main():
     for case in CASES_SMALL + ([] if args.small else CASES_BIG):
         print(f"bench-pytorch: {case} …", file=sys.stderr)
         cmd = [sys.executable, __file__, "--case", case, "--threads", str(args.threads),
-               "--precision", args.precision, "--compress", args.compress]
+               "--precision", args.precision, "--compress", args.compress, "--device", args.device]
         if args.batch:
             cmd += ["--batch", str(args.batch)]
         out = subprocess.run(cmd, capture_output=True, text=True)

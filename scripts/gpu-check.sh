@@ -5,7 +5,9 @@
 #          then one tiny NTP training run (configs/default.toml shape, bf16): minutes;
 #   all    quick, then one optimizer step of every objective at the default and the 69M
 #          shapes (T = 1024, bf16, batch $BATCH): tokens/s, peak GPU memory (nvidia-smi,
-#          sampled) and MFU against the card's dense bf16 peak (989 TFLOP/s, H100 SXM/H200).
+#          sampled) and MFU against the card's dense bf16 peak (989 TFLOP/s, H100 SXM/H200),
+#          and, where the machine's python3 has torch with CUDA, the same steps in PyTorch
+#          eager (scripts/bench-pytorch.py --device cuda) and our ratio to them.
 #   nccl   (with a binary from scripts/build-cuda.sh --nccl and libnccl.so.2 on the GPU machine;
 #          also run at the end of `all` when the binary links NCCL) two short runs of the
 #          default job's students, 20 steps, one plain and one through NCCL as a world of one:
@@ -13,12 +15,13 @@
 # STAGE=quick runs the first stage alone (do that first). Every step has its own timeout, so
 # a hang costs minutes, not the whole GPU budget; any failure stops the script with a
 # non-zero exit and a message. Results go to $OUT (default ./gpu-check): gpu.csv,
-# parity.json, quick-train.json, and for `all` train.json, mem.log, mfu.json.
+# parity.json, quick-train.json, and for `all` train.json, mem.log, torch.json, mfu.json.
 set -euo pipefail
 bin=${COCOMIX_BIN:-target/cuda/release/cocomix}
 out=${OUT:-gpu-check}
 stage=${STAGE:-all}
-batch=${BATCH:-16}
+# Batch 4: at 16 the 69M KD and CoCoMix cases run out of memory on 80 GB (docs/performance.md).
+batch=${BATCH:-4}
 peak=${PEAK_TFLOPS:-989}
 
 die() {
@@ -45,6 +48,22 @@ case $stage in
 esac
 [ -x "$bin" ] || die "$bin: no cocomix binary (build it with scripts/build-cuda.sh or set COCOMIX_BIN)"
 mkdir -p "$out"
+
+# The CUDA 13 libraries the binary needs (cuBLAS, cuRAND, NVRTC, and NCCL for an --nccl
+# build) often come only inside the machine's Python wheels (PyTorch's nvidia-* packages),
+# not on the loader's path: add each wheel folder that holds one the loader cannot find.
+for so in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libnccl.so.2; do
+  ldconfig -p 2>/dev/null | grep -q "$so" && continue
+  dir=$(python3 - "$so" 2>/dev/null <<'PY'
+import pathlib, site, sys
+roots = site.getsitepackages() + [site.getusersitepackages()]
+hits = [p for r in roots for p in pathlib.Path(r).glob(f"nvidia/**/{sys.argv[1]}")]
+print(hits[0].parent if hits else "")
+PY
+  ) || true
+  [ -n "$dir" ] && export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+echo "gpu-check: LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" >&2
 
 # nccl_check: the default job's students (NTP, CoCoMix), 20 steps, plain and over NCCL.
 nccl_check() {
@@ -102,13 +121,24 @@ trap 'kill "$smi" 2>/dev/null || true' EXIT
 step "bench train" "${TRAIN_TIMEOUT:-420}" \
   "$bin" bench train --batch "$batch" --precision bf16 --json > "$out/train.json"
 kill "$smi" 2>/dev/null || true
+# The same steps in PyTorch eager on this GPU, when its python3 has torch.
+if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  step "PyTorch side by side" "${TORCH_TIMEOUT:-300}" python3 scripts/bench-pytorch.py \
+    --device cuda --precision bf16 --batch "$batch" --json > "$out/torch.json"
+fi
 step "MFU" 30 python3 - "$out" "$peak" <<'PY'
-import json, sys
+import json, os, sys
 out, peak = sys.argv[1], float(sys.argv[2]) * 1e12
 r = json.load(open(f"{out}/train.json"))
 mem = [int(x) for x in open(f"{out}/mem.log").read().split() if x.strip().isdigit()]
+torch = {}
+if os.path.exists(f"{out}/torch.json"):
+    torch = {c["case"]: c["tokens_per_s"] for c in json.load(open(f"{out}/torch.json"))["results"]}
 rows = [{"case": c["case"], "config": c.get("config"), "tokens_per_s": c["tokens_per_s"],
-         "mfu": c["tokens_per_s"] * c["flops_per_token"] / peak} for c in r["results"]]
+         "mfu": c["tokens_per_s"] * c["flops_per_token"] / peak,
+         "pytorch_tokens_per_s": torch.get(c["case"]),
+         "ratio": c["tokens_per_s"] / torch[c["case"]] if c["case"] in torch else None}
+        for c in r["results"]]
 res = {"device": r.get("device"), "peak_gpu_memory_mib": max(mem, default=0), "rows": rows,
        "ratios": r.get("ratios")}
 json.dump(res, open(f"{out}/mfu.json", "w"), indent=1)

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use cocomix_attribution::{attribute, labels, LabelMode};
-use cocomix_model::ops::{concept_loss, kd_kl};
+use cocomix_model::ops::{causal_attention_composed, concept_loss, dropout, kd_kl, DropoutKey};
 use cocomix_model::{next_token_loss, Dropout, Gpt2, Student};
 use cocomix_sae::Sae;
 use serde::Serialize;
@@ -235,7 +235,7 @@ fn within(got: &[f32], want: &[f32], r: &Rule) -> (Option<f32>, Option<Failure>)
 /// gradients and attribution scores 1e-3, labels exact.
 pub fn cpu_rule(name: &str) -> Rule {
     match name {
-        "labels" => Rule::close(0.0, 0.0),
+        "labels" | "dropout_f32" | "dropout_bf16" => Rule::close(0.0, 0.0),
         n if n.starts_with("grad.")
             || n == "teacher_resid_grad"
             || n == "attribution"
@@ -355,9 +355,45 @@ pub fn compute(golden_dir: &Path, dev: &Device) -> Result<Tensors> {
             v.push((format!("grad.{name}"), g.detach()));
         }
     }
+    v.extend(dropout_checks(dev)?);
     v.into_iter()
         .map(|(n, x)| Ok((n, x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
         .collect()
+}
+
+/// Training-mode dropout, which the golden batch (inference) leaves out: the masks a device
+/// draws must be the CPU's bit for bit (`dropout_*`), so runs and resumes agree across
+/// devices; the composed attention with its dropout and that mask's gradient.
+fn dropout_checks(dev: &Device) -> Result<Vec<(String, Tensor)>> {
+    let key = DropoutKey::new(7, 3, 0.1).with_batch_offset(2);
+    let ones = Tensor::ones((3, 5, 37, 70), DType::F32, dev)?;
+    let wave = |shape: (usize, usize, usize, usize), phase: f64| -> Result<Tensor> {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        Ok(Tensor::arange(0u32, n as u32, dev)?
+            .to_dtype(DType::F32)?
+            .affine(0.37, phase)?
+            .sin()?
+            .reshape(shape)?)
+    };
+    let q = candle_core::Var::from_tensor(&wave((2, 2, 9, 8), 0.0)?)?;
+    let (k, v) = (wave((2, 2, 9, 8), 1.0)?, wave((2, 2, 9, 8), 2.0)?);
+    let att = causal_attention_composed(q.as_tensor(), &k, &v, 0.5, Some(key))?;
+    let grad_q = att
+        .sqr()?
+        .sum_all()?
+        .backward()?
+        .get(q.as_tensor())
+        .ok_or_else(|| Error::Other("attention dropout: no gradient for q".into()))?
+        .clone();
+    Ok(vec![
+        ("dropout_f32".into(), dropout(&ones, key)?),
+        (
+            "dropout_bf16".into(),
+            dropout(&ones.to_dtype(DType::BF16)?, key)?,
+        ),
+        ("attention_dropout".into(), att),
+        ("attention_dropout_grad_q".into(), grad_q),
+    ])
 }
 
 /// One failing tensor, for people reading the report.

@@ -15,25 +15,27 @@ const CHUNK: usize = 1 << 15;
 
 /// `Σ g²` over all gradients. On the CPU each tensor is summed in fixed chunks (f32 lanes
 /// within a chunk, f64 across chunks and tensors), in the same order whatever the thread
-/// count; elsewhere with Candle ops.
+/// count; elsewhere with Candle ops, every tensor's sum kept on the device and all of them
+/// read back at once (one synchronisation per step, not one per tensor).
 pub fn sum_squares(grads: &[Tensor]) -> candle_core::Result<f64> {
     let mut total = 0f64;
+    let mut on_device = Vec::new();
     for g in grads {
-        total += if g.device().is_cpu() && g.dtype() == DType::F32 {
-            with_host(g, "sum of squares", |x| {
+        if g.device().is_cpu() && g.dtype() == DType::F32 {
+            total += with_host(g, "sum of squares", |x| {
                 let parts: Vec<f64> = x
                     .par_chunks(CHUNK)
                     .map(|c| chunk_squares(c) as f64)
                     .collect();
                 parts.iter().sum::<f64>()
-            })?
+            })?;
         } else {
-            g.to_dtype(DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?
-        };
+            on_device.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
+        }
+    }
+    if !on_device.is_empty() {
+        let sums = Tensor::stack(&on_device, 0)?.to_dtype(DType::F64)?;
+        total += sums.to_vec1::<f64>()?.iter().sum::<f64>();
     }
     Ok(total)
 }

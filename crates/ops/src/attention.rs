@@ -41,18 +41,13 @@ pub fn causal_mask(
     offset: usize,
     device: &candle_core::Device,
 ) -> candle_core::Result<Tensor> {
-    let mask: Vec<f32> = (0..q)
-        .flat_map(|i| {
-            (0..kv).map(move |j| {
-                if j <= offset + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (q, kv), device)
+    // Built on the device from two index ranges: a GPU step would otherwise upload a
+    // [q, kv] host mask per layer.
+    let i = Tensor::arange(offset as u32, (offset + q) as u32, device)?.reshape((q, 1))?;
+    let j = Tensor::arange(0u32, kv as u32, device)?.reshape((1, kv))?;
+    let zero = Tensor::zeros((q, kv), candle_core::DType::F32, device)?;
+    let minus_inf = Tensor::full(f32::NEG_INFINITY, (q, kv), device)?;
+    j.broadcast_le(&i)?.where_cond(&zero, &minus_inf)
 }
 
 /// `softmax(q·kᵀ·scale + causal) · v` with optional attention dropout.
@@ -102,13 +97,17 @@ pub fn causal_attention_composed(
             .reshape((dims.b, dims.h, dims.skv, dims.hd))
     };
     let (k, v) = (expand(k)?, expand(v)?);
-    let att = (q.contiguous()?.matmul(&k.t()?)? * scale)?; // [B, H, Sq, Skv]
-    let mask = causal_mask(dims.sq, dims.skv, dims.skv - dims.sq, q.device())?;
-    let mut att = softmax_last(&att.broadcast_add(&mask.to_dtype(att.dtype())?)?)?;
-    if let Some(key) = dropout.filter(|d| d.p > 0.0) {
-        let m = key.mask(dims.b * dims.h * dims.sq, dims.skv);
-        let m = Tensor::from_vec(m, att.shape(), att.device())?.to_dtype(att.dtype())?;
-        att = att.mul(&m)?;
+    let att = q.contiguous()?.matmul(&k.t()?)?; // [B, H, Sq, Skv]
+    let offset = dims.skv - dims.sq;
+    let mut att = match crate::cuda::causal_softmax(&att, offset, scale as f32)? {
+        Some(p) => p,
+        None => {
+            let mask = causal_mask(dims.sq, dims.skv, offset, q.device())?;
+            softmax_last(&(&att * scale)?.broadcast_add(&mask.to_dtype(att.dtype())?)?)?
+        }
+    };
+    if let Some(key) = dropout {
+        att = crate::dropout::dropout(&att, key)?;
     }
     att.matmul(&v)
 }

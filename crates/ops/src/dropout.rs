@@ -84,9 +84,21 @@ impl DropoutKey {
         RowMask {
             lo: k as u32,
             hi: (k >> 32) as u32,
-            threshold: (self.p as f64 * 4_294_967_296.0) as u32,
+            threshold: self.threshold(),
             scale: 1.0 / (1.0 - self.p),
         }
+    }
+
+    /// What a device kernel needs to draw the masks: the key, the first row's number and
+    /// the threshold.
+    #[cfg(feature = "cuda")]
+    fn device_params(&self) -> (u64, u64, u32) {
+        (self.key, self.row0, self.threshold())
+    }
+
+    /// An element is kept when its 32-bit hash is at least this.
+    fn threshold(&self) -> u32 {
+        (self.p as f64 * 4_294_967_296.0) as u32
     }
 
     /// The `[rows, cols]` multiplier mask (0 or 1/(1−p)) as host values (rows counted from
@@ -146,7 +158,7 @@ pub fn dropout(x: &Tensor, key: DropoutKey) -> candle_core::Result<Tensor> {
         return Ok(x.clone());
     }
     let key = key.for_shape(x.dims());
-    if crate::fused::use_fused(&[x]) {
+    if crate::fused::use_fused(&[x]) || crate::cuda::has_kernels(x) {
         return x.contiguous()?.apply_op1(DropoutOp(key));
     }
     let cols = x.dims().last().copied().unwrap_or(1);
@@ -198,6 +210,16 @@ impl CustomOp1 for DropoutOp {
             .enumerate()
             .for_each(|(i, (o, xs))| apply_rows(xs, o, cols, i * rows, &self.0));
         Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (key, row0, threshold) = self.0.device_params();
+        crate::cuda::dropout(s, l, key, row0, threshold, 1.0 / (1.0 - self.0.p))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {

@@ -22,6 +22,7 @@ pub mod adamw;
 mod attention;
 mod bias;
 mod compress;
+mod cuda;
 mod dropout;
 pub mod fused;
 mod gelu;

@@ -713,5 +713,19 @@ fn adamw_fused_matches_composed_and_sum_squares_matches_f64() -> R {
         .map(|x| x as f64 * x as f64)
         .sum();
     assert!((sq - want).abs() / want < 1e-6, "{sq} vs {want}");
+    // Tensors that are not f32 take the other devices' path (summed as tensors, read back
+    // together); the sum is the same.
+    let mixed = sum_squares(&[g.to_dtype(DType::F64)?, p.clone(), g.to_dtype(DType::F64)?])?;
+    let want = want + sum_squares(std::slice::from_ref(&g))?;
+    assert!((mixed - want).abs() / want < 1e-6, "{mixed} vs {want}");
+    Ok(())
+}
+
+#[test]
+fn causal_mask_hides_the_future_of_each_query() -> R {
+    let inf = f32::NEG_INFINITY;
+    // Two queries at absolute positions 1 and 2 over four keys.
+    let m = cocomix_ops::causal_mask(2, 4, 1, &DEV)?.to_vec2::<f32>()?;
+    assert_eq!(m, [[0.0, 0.0, inf, inf], [0.0, 0.0, 0.0, inf]]);
     Ok(())
 }
