@@ -53,7 +53,8 @@ mkdir -p "$out"
 # build) often come only inside the machine's Python wheels (PyTorch's nvidia-* packages),
 # not on the loader's path: add each wheel folder that holds one the loader cannot find.
 for so in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libnccl.so.2; do
-  ldconfig -p 2>/dev/null | grep -q "$so" && continue
+  # (grep without -q: an early exit would kill ldconfig with SIGPIPE, failing the pipeline.)
+  ldconfig -p 2>/dev/null | grep -F "$so" >/dev/null && continue
   dir=$(python3 - "$so" 2>/dev/null <<'PY'
 import pathlib, site, sys
 roots = site.getsitepackages() + [site.getusersitepackages()]
@@ -61,7 +62,10 @@ hits = [p for r in roots for p in pathlib.Path(r).glob(f"nvidia/**/{sys.argv[1]}
 print(hits[0].parent if hits else "")
 PY
   ) || true
-  [ -n "$dir" ] && export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  case ":${LD_LIBRARY_PATH:-}:" in
+    *":$dir:"*) ;;
+    *) [ -n "$dir" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$dir" ;;
+  esac
 done
 echo "gpu-check: LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" >&2
 
@@ -122,9 +126,14 @@ step "bench train" "${TRAIN_TIMEOUT:-420}" \
   "$bin" bench train --batch "$batch" --precision bf16 --json > "$out/train.json"
 kill "$smi" 2>/dev/null || true
 # The same steps in PyTorch eager on this GPU, when its python3 has torch.
+# Optional: a failure here is reported and the check goes on without the ratios.
 if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-  step "PyTorch side by side" "${TORCH_TIMEOUT:-300}" python3 scripts/bench-pytorch.py \
-    --device cuda --precision bf16 --batch "$batch" --json > "$out/torch.json"
+  echo "gpu-check: PyTorch side by side (at most ${TORCH_TIMEOUT:-300}s)" >&2
+  timeout --kill-after=10 "${TORCH_TIMEOUT:-300}" python3 scripts/bench-pytorch.py \
+    --device cuda --precision bf16 --batch "$batch" --json > "$out/torch.json" || {
+    echo "gpu-check: PyTorch side by side failed (status $?); going on without it" >&2
+    rm -f "$out/torch.json"
+  }
 fi
 step "MFU" 30 python3 - "$out" "$peak" <<'PY'
 import json, os, sys

@@ -6,7 +6,9 @@ use std::process::Command;
 
 fn main() {
     println!("cargo::rerun-if-changed=kernels");
-    println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    for var in ["CUDA_COMPUTE_CAP", "NVCC", "NVCC_PREPEND_FLAGS"] {
+        println!("cargo::rerun-if-env-changed={var}");
+    }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }

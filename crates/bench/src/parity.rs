@@ -355,7 +355,7 @@ pub fn compute(golden_dir: &Path, dev: &Device) -> Result<Tensors> {
             v.push((format!("grad.{name}"), g.detach()));
         }
     }
-    v.extend(dropout_checks(dev)?);
+    v.extend(attention_checks(dev)?);
     v.into_iter()
         .map(|(n, x)| Ok((n, x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
         .collect()
@@ -363,8 +363,9 @@ pub fn compute(golden_dir: &Path, dev: &Device) -> Result<Tensors> {
 
 /// Training-mode dropout, which the golden batch (inference) leaves out: the masks a device
 /// draws must be the CPU's bit for bit (`dropout_*`), so runs and resumes agree across
-/// devices; the composed attention with its dropout and that mask's gradient.
-fn dropout_checks(dev: &Device) -> Result<Vec<(String, Tensor)>> {
+/// devices; the composed attention with its dropout and that mask's gradient, and over rows
+/// longer than one GPU block with a key offset.
+fn attention_checks(dev: &Device) -> Result<Vec<(String, Tensor)>> {
     let key = DropoutKey::new(7, 3, 0.1).with_batch_offset(2);
     let ones = Tensor::ones((3, 5, 37, 70), DType::F32, dev)?;
     let wave = |shape: (usize, usize, usize, usize), phase: f64| -> Result<Tensor> {
@@ -385,7 +386,21 @@ fn dropout_checks(dev: &Device) -> Result<Vec<(String, Tensor)>> {
         .get(q.as_tensor())
         .ok_or_else(|| Error::Other("attention dropout: no gradient for q".into()))?
         .clone();
+    // Rows longer than a block (300 keys: several warps, strided loops) and queries that are
+    // the last 5 of 300 positions (a KV-cache offset).
+    let ql = candle_core::Var::from_tensor(&wave((1, 2, 5, 8), 0.5)?)?;
+    let (kl, vl) = (wave((1, 2, 300, 8), 1.5)?, wave((1, 2, 300, 8), 2.5)?);
+    let long = causal_attention_composed(ql.as_tensor(), &kl, &vl, 0.3, None)?;
+    let grad_ql = long
+        .sqr()?
+        .sum_all()?
+        .backward()?
+        .get(ql.as_tensor())
+        .ok_or_else(|| Error::Other("long attention: no gradient for q".into()))?
+        .clone();
     Ok(vec![
+        ("attention_long".into(), long),
+        ("attention_long_grad_q".into(), grad_ql),
         ("dropout_f32".into(), dropout(&ones, key)?),
         (
             "dropout_bf16".into(),

@@ -1,7 +1,8 @@
 // The attention softmax on CUDA, causal mask and score scale folded in: one pass that
 // reads the raw scores and writes the probabilities, instead of Candle's composed form
-// (scale, mask add, max, subtract, exp, sum, divide: each a [B, H, Sq, Skv] tensor kept for
-// the backward pass). One block per row; f32 arithmetic whatever the storage type.
+// (scale, mask add, max, subtract, exp, sum, divide: each a [B, H, Sq, Skv] tensor that the
+// graph keeps until the backward pass; now the scores and the probabilities alone). One
+// block per row; f32 arithmetic whatever the storage type.
 #include <stdint.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -27,8 +28,9 @@ __device__ float block_reduce(float v) {
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   if (lane == 0) part[warp] = v;
   __syncthreads();
-  v = lane < warps ? part[lane] : (MAX ? -INFINITY : 0.0f);
+  // Warp 0 alone reads the partials: it overwrites part[0] below.
   if (warp == 0) {
+    v = lane < warps ? part[lane] : (MAX ? -INFINITY : 0.0f);
     for (int o = 16; o > 0; o >>= 1) {
       float w = __shfl_xor_sync(0xffffffffu, v, o);
       v = MAX ? fmaxf(v, w) : v + w;

@@ -33,9 +33,15 @@ pub fn sum_squares(grads: &[Tensor]) -> candle_core::Result<f64> {
             on_device.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
         }
     }
-    if !on_device.is_empty() {
-        let sums = Tensor::stack(&on_device, 0)?.to_dtype(DType::F64)?;
+    // One read-back per device (gradients normally share one).
+    while let Some(first) = on_device.first() {
+        let here = first.device().location();
+        let (same, rest): (Vec<Tensor>, Vec<Tensor>) = on_device
+            .into_iter()
+            .partition(|t| t.device().location() == here);
+        let sums = Tensor::stack(&same, 0)?.to_dtype(DType::F64)?;
         total += sums.to_vec1::<f64>()?.iter().sum::<f64>();
+        on_device = rest;
     }
     Ok(total)
 }

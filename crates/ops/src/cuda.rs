@@ -3,16 +3,19 @@
 //! Without the feature, [`has_kernels`] is false and callers take the composed Candle ops.
 use candle_core::{DType, Tensor};
 
-/// Whether `x` is a CUDA tensor of a type the kernels take (f32, bf16, f16).
+/// Whether `x` is a non-empty CUDA tensor of a type the kernels take (f32, bf16, f16), with
+/// the fused kernels on (`COCOMIX_FUSED=0` composes everything, on GPUs too).
 pub(crate) fn has_kernels(x: &Tensor) -> bool {
     cfg!(feature = "cuda")
+        && crate::fused::fused_enabled()
         && x.device().is_cuda()
+        && x.elem_count() > 0
         && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
 }
 
 /// `softmax(scale · x + causal mask)` over the last dimension of scores `[.., Sq, Skv]` (key
-/// `j` of query `i` visible iff `j ≤ offset + i`) in one kernel that keeps only its output for
-/// the backward pass; `None` where there is no kernel (then the caller composes it).
+/// `j` of query `i` visible iff `j ≤ offset + i`) in one kernel, its backward from the output
+/// alone; `None` where there is no kernel (then the caller composes it).
 pub(crate) fn causal_softmax(
     x: &Tensor,
     offset: usize,
