@@ -376,28 +376,32 @@ fn attention_checks(dev: &Device) -> Result<Vec<(String, Tensor)>> {
             .sin()?
             .reshape(shape)?)
     };
-    let q = candle_core::Var::from_tensor(&wave((2, 2, 9, 8), 0.0)?)?;
-    let (k, v) = (wave((2, 2, 9, 8), 1.0)?, wave((2, 2, 9, 8), 2.0)?);
-    let att = causal_attention_composed(q.as_tensor(), &k, &v, 0.5, Some(key))?;
-    let grad_q = att
-        .sqr()?
-        .sum_all()?
-        .backward()?
-        .get(q.as_tensor())
-        .ok_or_else(|| Error::Other("attention dropout: no gradient for q".into()))?
-        .clone();
+    // Attention of q against (k, v) and the gradient of Σ y² with respect to q.
+    let attend = |q: Tensor, k, v, scale, key| -> Result<(Tensor, Tensor)> {
+        let q = candle_core::Var::from_tensor(&q)?;
+        let y = causal_attention_composed(q.as_tensor(), &k, &v, scale, key)?;
+        let grads = y.sqr()?.sum_all()?.backward()?;
+        let g = grads
+            .get(q.as_tensor())
+            .ok_or_else(|| Error::Other("parity attention: no gradient for q".into()))?;
+        Ok((y, g.clone()))
+    };
+    let (att, grad_q) = attend(
+        wave((2, 2, 9, 8), 0.0)?,
+        wave((2, 2, 9, 8), 1.0)?,
+        wave((2, 2, 9, 8), 2.0)?,
+        0.5,
+        Some(key),
+    )?;
     // Rows longer than a block (300 keys: several warps, strided loops) and queries that are
     // the last 5 of 300 positions (a KV-cache offset).
-    let ql = candle_core::Var::from_tensor(&wave((1, 2, 5, 8), 0.5)?)?;
-    let (kl, vl) = (wave((1, 2, 300, 8), 1.5)?, wave((1, 2, 300, 8), 2.5)?);
-    let long = causal_attention_composed(ql.as_tensor(), &kl, &vl, 0.3, None)?;
-    let grad_ql = long
-        .sqr()?
-        .sum_all()?
-        .backward()?
-        .get(ql.as_tensor())
-        .ok_or_else(|| Error::Other("long attention: no gradient for q".into()))?
-        .clone();
+    let (long, grad_ql) = attend(
+        wave((1, 2, 5, 8), 0.5)?,
+        wave((1, 2, 300, 8), 1.5)?,
+        wave((1, 2, 300, 8), 2.5)?,
+        0.3,
+        None,
+    )?;
     Ok(vec![
         ("attention_long".into(), long),
         ("attention_long_grad_q".into(), grad_ql),
