@@ -85,15 +85,20 @@ impl DropoutKey {
             lo: k as u32,
             hi: (k >> 32) as u32,
             threshold: self.threshold(),
-            scale: 1.0 / (1.0 - self.p),
+            scale: self.scale(),
         }
     }
 
-    /// What a device kernel needs to draw the masks: the key, the first row's number and
-    /// the threshold.
+    /// What a device kernel needs to draw the masks: the key, the first row's number, the
+    /// threshold and the scale of a kept element.
     #[cfg(feature = "cuda")]
-    fn device_params(&self) -> (u64, u64, u32) {
-        (self.key, self.row0, self.threshold())
+    fn device_params(&self) -> (u64, u64, u32, f32) {
+        (self.key, self.row0, self.threshold(), self.scale())
+    }
+
+    /// 1/(1−p), the multiplier of a kept element.
+    fn scale(&self) -> f32 {
+        1.0 / (1.0 - self.p)
     }
 
     /// An element is kept when its 32-bit hash is at least this.
@@ -218,8 +223,8 @@ impl CustomOp1 for DropoutOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (key, row0, threshold) = self.0.device_params();
-        crate::cuda::dropout(s, l, key, row0, threshold, 1.0 / (1.0 - self.0.p))
+        let (key, row0, threshold, scale) = self.0.device_params();
+        crate::cuda::dropout(s, l, key, row0, threshold, scale)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
